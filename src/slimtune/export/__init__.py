@@ -1,0 +1,6 @@
+"""Merge, shrink and save."""
+
+from .save import export_model, is_uniform, layer_shapes, save_model
+from .shrink import decoder_param_count, layer_plan, shrink_
+
+__all__ = ["decoder_param_count", "export_model", "is_uniform", "layer_plan", "layer_shapes", "save_model", "shrink_"]

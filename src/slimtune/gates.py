@@ -1,0 +1,96 @@
+"""Masks applied as gates on module inputs and layer outputs, during training and evaluation.
+
+Pruned heads are gated at the input of o_proj (one gate per query head, repeated over head_dim),
+pruned channels at the input of down_proj, and a pruned layer passes its input straight through.
+Gating there, rather than on q/k/v outputs, makes the masked forward equal the physically shrunk
+forward even when a KV head is shared by kept and pruned query heads (GQA): zeroing q rows would
+only flatten the attention pattern, not remove the head's output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .masks import StructuredMasks
+
+
+class GateHandles:
+    def __init__(self, handles):
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def attach_gates(model: nn.Module, masks: StructuredMasks) -> GateHandles:
+    spec = masks.spec
+    handles = []
+    for i, layer in enumerate(spec.decoder_layers(model)):
+        hd = masks.geometry[i].head_dim
+        handles.append(layer.get_submodule(spec.o).register_forward_pre_hook(_input_gate(masks, "heads", i, hd)))
+        handles.append(layer.get_submodule(spec.mlp_out).register_forward_pre_hook(_input_gate(masks, "channels", i, 1)))
+        handles.append(layer.register_forward_hook(_layer_gate(masks, i), with_kwargs=True))
+    return GateHandles(handles)
+
+
+def _input_gate(masks: StructuredMasks, kind: str, i: int, repeat: int):
+    def hook(module, args):
+        x = args[0]
+        gate = getattr(masks, f"{kind}_{i}")
+        if bool((gate == 1).all()):
+            return None
+        if repeat > 1:
+            gate = gate.repeat_interleave(repeat)  # [H] -> [H * head_dim]
+        return (x * gate.to(dtype=x.dtype, device=x.device), *args[1:])
+
+    return hook
+
+
+def _layer_gate(masks: StructuredMasks, i: int):
+    def hook(module, args, kwargs, output):
+        gate = masks.layer(i)
+        if bool(gate.item() == 1):
+            return None
+        x = args[0] if args else kwargs["hidden_states"]
+        out = output[0] if isinstance(output, tuple) else output
+        gated = x + gate.to(dtype=x.dtype, device=x.device) * (out - x)
+        if gate.item() == 0:
+            gated = x  # exact identity, also when `out` is not finite
+        return (gated, *output[1:]) if isinstance(output, tuple) else gated
+
+    return hook
+
+
+@torch.no_grad()
+def zero_pruned_weights(model: nn.Module, masks: StructuredMasks) -> None:
+    """Write zeros into the weights of pruned units (rows of q/k/v/gate/up, columns of o/down).
+
+    Gates alone already make the forward exact; zeroing the weights too keeps a model that is
+    saved *without* shrinking (e.g. for inspection) honest about what was pruned.
+    """
+    spec = masks.spec
+    for i, layer in enumerate(spec.decoder_layers(model)):
+        g = masks.geometry[i]
+        head_rows = masks.heads(i).repeat_interleave(g.head_dim).bool()
+        kv_rows = masks.kv_heads(i).repeat_interleave(g.head_dim).bool()
+        chan = masks.channels(i).bool()
+        for path, rows in ((spec.q, head_rows), (spec.k, kv_rows), (spec.v, kv_rows)):
+            _zero_rows(layer.get_submodule(path), ~rows)
+        for path in spec.mlp_in:
+            _zero_rows(layer.get_submodule(path), ~chan)
+        _base(layer.get_submodule(spec.o)).weight[:, ~head_rows] = 0
+        _base(layer.get_submodule(spec.mlp_out)).weight[:, ~chan] = 0
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _zero_rows(module: nn.Module, rows: torch.Tensor) -> None:
+    base = _base(module)
+    base.weight[rows] = 0
+    if base.bias is not None:
+        base.bias[rows] = 0

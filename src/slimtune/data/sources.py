@@ -114,9 +114,9 @@ def _hash_split(docs: list[str], split: str, origin: str) -> list[str]:
     if len(docs) < MIN_DOCUMENTS or not all(by_split.values()):
         # Python's default filter shows this once per source, not once per split.
         warnings.warn(
-            f"{origin} has only {len(docs)} documents, too few for a train/validation/test split; "
-            "the same text is used for every split, so evaluation numbers are not held-out",
-            stacklevel=3,
+            f"{origin}: {len(docs)} documents are too few for a train/validation/test split; the same "
+            "text is used for every split, so evaluation numbers are not held-out",
+            stacklevel=4,  # point at the caller of load_texts
         )
         return list(docs)
     return by_split[split]
@@ -138,25 +138,26 @@ def _load_hub(name: str, split: str) -> list[str]:
     except Exception as exc:  # offline, not cached, no such dataset: the user's fix is the same
         raise SlimtuneError(f"could not load dataset {name!r} (no cached copy and the hub is unreachable, "
                             f"or no such dataset; {type(exc).__name__}): {_FIX}") from exc
+    if len(tables) == 1 and not files:  # e.g. a user's dataset with only "train": split it like a file
+        (table,) = tables.values()
+        return _hash_split(_documents(table, spec, name), split, f"dataset {name!r}")
     for candidate in (split, *(("valid", "dev", "val") if split == "validation" else ())):
         if candidate in tables:
             return _documents(tables[candidate], spec, name)
-    if len(tables) == 1:  # e.g. a user's dataset with only "train": split it like a local file
-        (table,) = tables.values()
-        return _hash_split(_documents(table, spec, name), split, f"dataset {name!r}")
     raise SlimtuneError(f"dataset {name!r} has no {split!r} split (it has: {', '.join(tables)}); "
                         f"choose a dataset with that split or {_FIX}")
 
 
 def _documents(table, spec: _HubDataset, name: str) -> list[str]:
-    """Rows of the text column (`spec.field`, else the first string column) as documents."""
+    """Rows of the text column (`spec.field`, else the wordiest string column) as documents."""
     columns = list(table.column_names)
     field = spec.field
     if field not in columns:
         strings = [c for c in columns if getattr(table.features.get(c), "dtype", None) in ("string", "large_string")]
         if not strings:
             raise SlimtuneError(f"dataset {name!r} has no text column (columns: {', '.join(columns)}); {_FIX}")
-        field = strings[0]
+        # An "id" or "label" column is a string too; the text is the column with the most characters.
+        field = max(strings, key=lambda c: sum(len(row or "") for row in table[c][:100]))
     rows = [row or "" for row in table[field]]
     if spec.join is not None:
         return [spec.join.join(rows)]

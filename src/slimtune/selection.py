@@ -1,0 +1,248 @@
+"""Ranking: turn unit scores and a sparsity target into masks.
+
+The target is a fraction of decoder-layer parameters. Each prunable layer offers candidate
+removals in ascending score order (already-pruned units first, so masks only grow):
+- kv_groups: one KV group (its KV head and all its query heads) per candidate;
+- q_heads: one "slot" per candidate, i.e. the next-lowest query head in *every* KV group, which
+  keeps the same number of query heads per group, as GQA requires;
+- channels: one MLP channel per candidate;
+- layers: one whole decoder layer per candidate.
+Local ranking prunes the same ratio in every layer (LoRAPrune's choice); global ranking merges
+the candidates of all layers after dividing scores by their per-layer mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SlimtuneError
+from .export.shrink import decoder_param_count
+from .granularity import Granularity
+from .masks import StructuredMasks
+
+PRUNED = -math.inf
+
+
+@dataclass
+class Candidate:
+    score: float
+    cost: int
+    layer: int
+    kind: str
+    units: list[int] = field(default_factory=list)
+
+
+def default_excluded_layers(num_layers: int) -> set[int]:
+    """LoRAPrune's default: never prune the first int(0.1 L) layers nor the last one."""
+    return set(range(int(0.1 * num_layers))) | {num_layers - 1}
+
+
+def _lin_cost(module: nn.Module, rows: int = 0, cols: int = 0) -> int:
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    out_f, in_f = base.weight.shape
+    bias = base.bias is not None
+    return rows * (in_f + bias) + cols * out_f
+
+
+def _costs(masks: StructuredMasks, layer: nn.Module, i: int) -> dict[str, int]:
+    spec, g = masks.spec, masks.geometry[i]
+    hd = g.head_dim
+    q_head = _lin_cost(layer.get_submodule(spec.q), rows=hd) + _lin_cost(layer.get_submodule(spec.o), cols=hd)
+    kv = _lin_cost(layer.get_submodule(spec.k), rows=hd) + _lin_cost(layer.get_submodule(spec.v), rows=hd)
+    channel = sum(_lin_cost(layer.get_submodule(p), rows=1) for p in spec.mlp_in) + _lin_cost(layer.get_submodule(spec.mlp_out), cols=1)
+    params = sum(p.numel() for n, p in layer.named_parameters() if "lora_" not in n)
+    return {"q_head": q_head, "kv": kv, "channel": channel, "layer": params}
+
+
+def _head_queue(masks, i, scores, costs, head_mode) -> list[Candidate]:
+    g = masks.geometry[i]
+    alive = masks.heads(i).bool()
+    s = torch.where(alive, scores.float(), torch.tensor(PRUNED))
+    if head_mode == "kv_groups" or g.group_size == 1:
+        group = s.view(g.num_kv_heads, g.group_size)
+        group_score = torch.where(torch.isinf(group).all(dim=1), torch.tensor(PRUNED), group.sum(dim=1))
+        cost = g.group_size * costs["q_head"] + costs["kv"]
+        order = sorted(range(g.num_kv_heads), key=lambda k: (float(group_score[k]), k))
+        queue = [Candidate(float(group_score[k]), cost, i, "heads", list(range(k * g.group_size, (k + 1) * g.group_size))) for k in order]
+        return queue[: g.num_kv_heads - 1]
+    # q_heads: slot r removes the r-th lowest query head of every group
+    per_group = s.view(g.num_kv_heads, g.group_size)
+    ranked = torch.sort(per_group, dim=1, stable=True)
+    queue = []
+    for r in range(g.group_size - 1):
+        units = [k * g.group_size + int(ranked.indices[k, r]) for k in range(g.num_kv_heads)]
+        vals = ranked.values[:, r]
+        score = PRUNED if bool(torch.isinf(vals).all()) else float(vals[torch.isfinite(vals)].sum())
+        queue.append(Candidate(score, g.num_kv_heads * costs["q_head"], i, "heads", units))
+    return queue
+
+
+def _channel_queue(masks, i, scores, costs) -> list[Candidate]:
+    alive = masks.channels(i).bool()
+    s = torch.where(alive, scores.float(), torch.tensor(PRUNED))
+    order = torch.sort(s, stable=True).indices.tolist()
+    return [Candidate(float(s[c]), costs["channel"], i, "channels", [c]) for c in order[:-1]]
+
+
+def _apply(masks: StructuredMasks, chosen: list[Candidate]) -> None:
+    for i in range(len(masks)):
+        heads, chans = masks.heads(i).clone(), masks.channels(i).clone()
+        layer = masks.layer(i).clone()
+        for c in (c for c in chosen if c.layer == i):
+            if c.kind == "heads":
+                heads[c.units] = 0
+            elif c.kind == "channels":
+                chans[c.units] = 0
+            else:
+                layer.zero_()
+        masks.set(i, heads=heads, channels=chans, layer=layer)
+
+
+def _take_local(queues: dict[int, dict[str, list[Candidate]]], rho: float, gran: Granularity, costs) -> list[Candidate]:
+    chosen = []
+    for i, q in queues.items():
+        removed = 0
+        if gran.heads:
+            heads_q = q["heads"]
+            already = sum(c.score == PRUNED for c in heads_q)
+            units_total = len(heads_q) + 1  # the queue leaves one unit alive
+            n = min(len(heads_q), max(already, round(rho * units_total)))
+            chosen += heads_q[:n]
+            removed += sum(c.cost for c in heads_q[:n])
+        if gran.channels:
+            ch_q = q["channels"]
+            already = sum(c.score == PRUNED for c in ch_q)
+            if gran.heads:
+                target = rho * (costs[i]["attention"] + costs[i]["mlp"])
+                n = round(max(0.0, target - removed) / costs[i]["channel"])
+            else:
+                n = round(rho * (len(ch_q) + 1))
+            n = min(len(ch_q), max(already, n))
+            chosen += ch_q[:n]
+    return chosen
+
+
+def _take_global(queues, budget: float) -> list[Candidate]:
+    pool = []
+    for q in queues.values():
+        for kind, cands in q.items():
+            finite = [c.score for c in cands if c.score != PRUNED]
+            mean = (sum(finite) / len(finite)) if finite else 1.0
+            for pos, c in enumerate(cands):
+                norm = PRUNED if c.score == PRUNED else c.score / (abs(mean) + 1e-12)
+                pool.append((norm, pos, c))
+    pool.sort(key=lambda t: (t[0], t[1]))
+    chosen, removed = [], 0
+    taken_pos: dict[tuple[int, str], int] = {}
+    for norm, pos, c in pool:
+        key = (c.layer, c.kind)
+        if taken_pos.get(key, 0) != pos:  # keep per-layer order (cap already applied by queues)
+            continue
+        if norm != PRUNED and removed >= budget:
+            break
+        chosen.append(c)
+        removed += c.cost
+        taken_pos[key] = pos + 1
+    return chosen
+
+
+def select(
+    model: nn.Module,
+    masks: StructuredMasks,
+    scores: list[dict],
+    gran: Granularity,
+    sparsity: float,
+    ranking: str = "local",
+    excluded: set[int] | None = None,
+    layer_share: float = 0.5,
+) -> dict:
+    """Update `masks` in place so that about `sparsity` of decoder parameters is pruned."""
+    if not 0.0 <= sparsity < 1.0:
+        raise SlimtuneError(f"sparsity {sparsity} is outside [0, 1); pass a fraction such as 0.2")
+    if ranking not in ("local", "global"):
+        raise SlimtuneError(f"unknown ranking '{ranking}'; choose local or global")
+    excluded = default_excluded_layers(len(masks)) if excluded is None else set(excluded)
+    layers = masks.spec.decoder_layers(model)
+    total, _ = decoder_param_count(model, _full(masks))
+    budget = sparsity * total
+    costs = {}
+    for i, layer in enumerate(layers):
+        costs[i] = _costs(masks, layer, i)
+        g = masks.geometry[i]
+        costs[i]["attention"] = g.num_heads * costs[i]["q_head"] + g.num_kv_heads * costs[i]["kv"]
+        costs[i]["mlp"] = g.intermediate * costs[i]["channel"]
+    prunable = [i for i in range(len(masks)) if i not in excluded]
+    chosen: list[Candidate] = []
+    if gran.layers:
+        share = layer_share if (gran.heads or gran.channels) else 1.0
+        layer_q = sorted(
+            (Candidate(PRUNED if masks.layer(i).item() == 0 else float(scores[i]["layer"]), costs[i]["layer"], i, "layers") for i in prunable),
+            key=lambda c: (c.score, c.layer),
+        )
+        removed = 0
+        for c in layer_q[: max(0, len(prunable) - 1) if (gran.heads or gran.channels) else len(layer_q)]:
+            if c.score != PRUNED and removed + c.cost / 2 > share * budget:
+                break
+            chosen.append(c)
+            removed += c.cost
+        budget -= removed
+        gone = {c.layer for c in chosen}
+        prunable = [i for i in prunable if i not in gone]
+    if (gran.heads or gran.channels) and prunable:
+        queues = {}
+        for i in prunable:
+            queues[i] = {}
+            if gran.heads:
+                queues[i]["heads"] = _head_queue(masks, i, scores[i]["heads"], costs[i], gran.head_mode)
+            if gran.channels:
+                queues[i]["channels"] = _channel_queue(masks, i, scores[i]["channels"], costs[i])
+        if ranking == "global":
+            chosen += _take_global(queues, budget)
+        else:
+            chosen += _solve_local(queues, budget, gran, costs, sparsity)
+    _apply(masks, chosen)
+    before, after = decoder_param_count(model, masks)
+    achieved = 1 - after / before
+    if sparsity > 0 and achieved < 0.9 * sparsity - 1e-3:
+        raise SlimtuneError(
+            f"sparsity {sparsity:.3f} is not reachable with granularity {','.join(gran.names)} "
+            f"(at most {achieved:.3f} of decoder parameters without emptying a layer); add channels, prune fewer excluded layers, or lower --sparsity"
+        )
+    return {"target": sparsity, "achieved": achieved, "decoder_params_before": before, "decoder_params_after": after}
+
+
+def _solve_local(queues, budget, gran, costs, sparsity) -> list[Candidate]:
+    """Bisect the per-layer ratio rho so that the removed parameters meet the budget."""
+    def removed(rho):
+        chosen = _take_local(queues, rho, gran, costs)
+        return chosen, sum(c.cost for c in chosen)
+
+    lo, hi = 0.0, 1.0
+    best, best_removed = removed(hi)
+    if best_removed < budget:
+        return best  # caller reports the shortfall
+    best, best_removed = removed(lo)
+    if best_removed >= budget:
+        return best
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        chosen, r = removed(mid)
+        if r >= budget:
+            hi, best = mid, chosen
+        else:
+            lo = mid
+    return best
+
+
+def _full(masks: StructuredMasks) -> StructuredMasks:
+    """A view of `masks` with nothing pruned, to count the dense decoder parameters."""
+    import copy
+
+    full = copy.deepcopy(masks)
+    for buf in full.buffers():
+        buf.fill_(1)
+    return full

@@ -189,14 +189,9 @@ def test_missing_file_and_unknown_split(tmp_path):
 
 # --- Hugging Face datasets (a fake module: no network, no slow import) -------------------------
 
-class FakeTable:
-    def __init__(self, **columns):
-        self.columns = columns
-        self.column_names = list(columns)
-        self.features = {name: types.SimpleNamespace(dtype="string") for name in columns}
-
-    def __getitem__(self, name):
-        return self.columns[name]
+def table(**columns):
+    """A real `datasets.Dataset`, so the code is checked against the library's actual API."""
+    return pytest.importorskip("datasets").Dataset.from_dict(columns)
 
 
 def fake_datasets(monkeypatch, load_dataset):
@@ -223,17 +218,22 @@ def test_hub_failure_and_missing_package_are_user_errors(monkeypatch):
 
 
 def test_hub_aliases_map_names_fields_and_splits(monkeypatch):
-    rows = {s: FakeTable(text=[f" = {s} = \n", "", "line\n"]) for s in SPLITS}
+    rows = {s: table(text=[f" = {s} = \n", "", "line\n"]) for s in SPLITS}
+    ptb = {s: table(sentence=["a b", "c d"]) for s in SPLITS}
+    c4 = table(text=["doc one", " ", "doc two"])  # tables first: the fake module has no Dataset
     calls = fake_datasets(monkeypatch, lambda *a, **k: rows)
     assert load_texts("wikitext2", "validation") == ["\n\n".join([" = validation = \n", "", "line\n"])]
     assert calls[-1][0] == ("wikitext", "wikitext-2-raw-v1")
 
-    ptb = {s: FakeTable(sentence=["a b", "c d"]) for s in SPLITS}
     calls = fake_datasets(monkeypatch, lambda *a, **k: ptb)
     assert load_texts("ptb", "test") == ["a b c d"]
     assert calls[-1][0] == ("ptb_text_only", "penn_treebank")
 
-    calls = fake_datasets(monkeypatch, lambda *a, **k: FakeTable(text=["doc one", " ", "doc two"]))
+    fake_datasets(monkeypatch, lambda *a, **k: {"train": rows["train"], "test": rows["test"]})
+    with pytest.raises(SlimtuneError, match="has no 'validation' split"):
+        load_texts("someone/corpus", "validation")
+
+    calls = fake_datasets(monkeypatch, lambda *a, **k: c4)
     assert load_texts("c4", "validation") == ["doc one", "doc two"]
     args, kwargs = calls[-1]
     assert args == ("allenai/c4",) and kwargs["split"] == "validation"
@@ -242,7 +242,8 @@ def test_hub_aliases_map_names_fields_and_splits(monkeypatch):
 
 def test_hub_dataset_with_only_train_is_hash_split(monkeypatch):
     docs = _documents(40)
-    fake_datasets(monkeypatch, lambda *a, **k: {"train": FakeTable(id=["x"] * 40, body=docs)})
+    only_train = {"train": table(id=["x"] * 40, body=docs)}  # the text column is found by its length
+    fake_datasets(monkeypatch, lambda *a, **k: only_train)
     _check_hash_split({s: load_texts("someone/corpus", s) for s in SPLITS}, docs)
 
 

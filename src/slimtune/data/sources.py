@@ -157,7 +157,8 @@ def _documents(table, spec: _HubDataset, name: str) -> list[str]:
         if not strings:
             raise SlimtuneError(f"dataset {name!r} has no text column (columns: {', '.join(columns)}); {_FIX}")
         # An "id" or "label" column is a string too; the text is the column with the most characters.
-        field = max(strings, key=lambda c: sum(len(row or "") for row in table[c][:100]))
+        head = table[:100]  # {column: first rows}, without reading whole columns
+        field = max(strings, key=lambda c: sum(len(row or "") for row in head[c]))
     rows = [row or "" for row in table[field]]
     if spec.join is not None:
         return [spec.join.join(rows)]

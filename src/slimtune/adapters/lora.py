@@ -1,0 +1,103 @@
+"""LoRA-family adapters through PEFT: plain LoRA, rsLoRA, DoRA and PiSSA (METHODS.md §7).
+
+    W' = W0 + s·B·A,  B [out, r], A [r, in],  s = α/r  (rsLoRA: α/√r, arXiv 2312.03732)
+    DoRA  (arXiv 2402.09353): W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row, m starts at ‖W0‖_row
+    PiSSA (arXiv 2404.02948): s·B·A starts as the top-r SVD part of W0 and W0 becomes the residual
+
+`attach_lora` wraps the model in place (PiSSA also rewrites the base weights) and returns the
+`PeftModel`; only adapter parameters stay trainable. `lora_pairs` finds the LoRA layer of every
+adapted decoder projection through the arch spec, for criteria that read A, B and their gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import SlimtuneError
+from ..models.arch import ArchSpec, get_arch
+
+VARIANTS = ("lora", "rslora", "dora", "pissa")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] | None = None  # leaf module names; None: all seven projections of the arch spec
+    variant: str = "lora"
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise SlimtuneError(f"unknown LoRA variant '{self.variant}'; choose one of {', '.join(VARIANTS)}")
+        if int(self.r) != self.r or self.r < 1:
+            raise SlimtuneError(f"LoRA rank {self.r} is invalid; pass a positive integer such as 8")
+        if self.alpha <= 0:
+            raise SlimtuneError(f"LoRA alpha {self.alpha} must be positive; the usual choice is 2·r")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SlimtuneError(f"LoRA dropout {self.dropout} is outside [0, 1); the usual choice is 0.05")
+        if self.targets is not None and not list(self.targets):
+            raise SlimtuneError("LoRA targets are empty; name modules such as q_proj,v_proj or leave the default")
+
+
+def linear_leaf_names(model: nn.Module) -> list[str]:
+    """Sorted leaf names of every nn.Linear in the model (what PEFT can target)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def attach_lora(model: nn.Module, settings: LoraSettings | None = None):
+    """Wrap `model` (in place) with a LoRA-family adapter; returns the `peft.PeftModel`."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = settings or LoraSettings()
+    targets = list(settings.targets) if settings.targets is not None else get_arch(model).leaf_names()
+    available = linear_leaf_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:  # PEFT only complains when *nothing* matches; a typo next to a good name would be silently dropped
+        raise SlimtuneError(f"target modules {', '.join(missing)} match nothing in this model; available: {', '.join(available)}")
+    config = LoraConfig(
+        r=int(settings.r),
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        use_rslora=settings.variant == "rslora",
+        use_dora=settings.variant == "dora",
+        init_lora_weights="pissa" if settings.variant == "pissa" else True,
+    )
+    peft_model = get_peft_model(model, config)
+    for name, p in peft_model.named_parameters():
+        p.requires_grad_("lora_" in name)  # lora_A, lora_B and DoRA's lora_magnitude_vector
+    return peft_model
+
+
+def active_adapter(lora_module: nn.Module) -> str:
+    return lora_module.active_adapters[0]
+
+
+def scaling(lora_module: nn.Module) -> float:
+    """s of the active adapter: α/r, or α/√r with rsLoRA."""
+    return float(lora_module.scaling[active_adapter(lora_module)])
+
+
+def lora_weights(lora_module: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+    """(A [r, in], B [out, r]) weights of the active adapter."""
+    name = active_adapter(lora_module)
+    return lora_module.lora_A[name].weight, lora_module.lora_B[name].weight
+
+
+def lora_pairs(model: nn.Module, spec: ArchSpec | None = None) -> list[tuple[int, str, nn.Module]]:
+    """(layer index, projection path, PEFT LoRA layer) for every adapted decoder projection."""
+    from peft.tuners.lora import LoraLayer
+
+    spec = spec or get_arch(model)
+    pairs = []
+    for i, layer in enumerate(spec.decoder_layers(model)):
+        for path in spec.projections():
+            module = layer.get_submodule(path)
+            if isinstance(module, LoraLayer) and module.active_adapters and active_adapter(module) in module.lora_A:
+                pairs.append((i, path, module))
+    return pairs

@@ -1,0 +1,215 @@
+"""LoRAPrune importance (Zhang et al. 2023, arXiv 2305.18403; METHODS.md §2).
+
+The gradient of a frozen base weight W0 is estimated from the LoRA gradients alone. One SGD step
+on A and B moves B·A by −η(G_B·A + B·G_A) + η²·G_B·G_A; the official code takes η = 1:
+
+    Ĝ = G_B·A + B·G_A − G_B·G_A         G_A [r, in], G_B [out, r]; s is not divided out
+    S = |Ĝ ⊙ (W0 + s·B·A)|              element score (power=2: the squared Taylor form)
+
+S is reduced at once, one projection at a time, to head / channel vectors (granularity.py: per-
+module l2 normalisation, summed per block) and to a layer score (the sum of S), so the state is
+a few vectors per layer and memory stays at LoRA level. The unit vectors are smoothed with
+Ī ← λ·Ī + (1−λ)·Î (λ = 0.9, Ī starts at 0, no bias correction); a step whose scores are not all
+finite is skipped and counted in `skipped`.
+
+metric:
+    lora       Ĝ from the LoRA gradients (default)
+    grad       the true W0.grad, the memory-hungry reference (see `enable_full_grad`)
+    magnitude  Ĝ = 1, so S = |W0 + s·B·A|
+
+Call `observe(model)` every optimiser step, after backward and gradient clipping/unscaling and
+before `optimizer.step()`. `update(model, batch)` runs its own forward/backward for one-shot use.
+`keep_elements=True` also keeps an element-level EMA of S (for unstructured or N:M pruning); that
+costs one fp32 weight-sized tensor per adapted projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..adapters.lora import lora_pairs, lora_weights, scaling
+from ..errors import SlimtuneError
+from ..granularity import channel_scores, head_scores
+from ..masks import StructuredMasks
+from ..models.arch import get_arch
+from .base import ElementScores, Importance, causal_lm_loss, projection_weights
+
+METRICS = ("lora", "grad", "magnitude")
+
+
+def lora_grad_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor) -> torch.Tensor:
+    """Ĝ = G_B·A + B·G_A − G_B·G_A  [out, in], computed in fp32."""
+    A, B, gA, gB = A.float(), B.float(), gA.float(), gB.float()
+    g = gB @ A
+    g.addmm_(B, gA)
+    g.addmm_(gB, gA, alpha=-1.0)
+    return g
+
+
+def enable_full_grad(model: nn.Module, spec=None) -> Callable[[], None]:
+    """Let the base projection weights get `.grad` (metric="grad"); returns a function that restores
+    the previous flags. This costs a weight-sized gradient per projection: full fine-tuning memory."""
+    spec = spec or get_arch(model)
+    weights = [w for _, _, w in projection_weights(model, spec)]
+    flags = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+
+    def restore() -> None:
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+            if not flag:
+                w.grad = None
+
+    return restore
+
+
+class LoRAPruneImportance(Importance):
+    name = "loraprune"
+
+    def __init__(self, model, spec=None, metric: str = "lora", power: int = 1, beta: float = 0.9, keep_elements: bool = False):
+        super().__init__(model, spec)
+        if metric not in METRICS:
+            raise SlimtuneError(f"unknown LoRAPrune metric '{metric}'; choose one of {', '.join(METRICS)}")
+        if power not in (1, 2):
+            raise SlimtuneError(f"LoRAPrune power {power} is invalid; use 1 (|G·W|) or 2 ((G·W)²)")
+        if not 0.0 <= beta < 1.0:
+            raise SlimtuneError(f"LoRAPrune EMA factor {beta} is outside [0, 1); the paper uses 0.9")
+        self.metric, self.power, self.beta, self.keep_elements = metric, power, beta, keep_elements
+        self.needs_data = metric != "magnitude"
+        self._weights = {(i, path): w for i, path, w in projection_weights(model, self.spec)}
+        self._lora = {(i, path): m for i, path, m in lora_pairs(model, self.spec)}
+        if metric == "lora" and not self._lora:
+            raise SlimtuneError("LoRAPrune found no LoRA adapters on the decoder projections; call attach_lora before creating it")
+        self.geometry = StructuredMasks(model, self.spec).geometry
+        self.steps, self.skipped = 0, 0
+        self.heads = [torch.zeros(g.num_heads) for g in self.geometry]
+        self.channels = [torch.zeros(g.intermediate) for g in self.geometry]
+        self.layer = torch.zeros(len(self.geometry))
+        self.elements: dict[tuple[int, str], torch.Tensor] = {}
+
+    # ---- one step's scores ------------------------------------------------------------------
+    def _keys(self) -> list[tuple[int, str]]:
+        return list(self._lora) if self.metric == "lora" else list(self._weights)
+
+    @torch.no_grad()
+    def _element(self, key) -> torch.Tensor | None:
+        """S for one projection [out, in] fp32, or None when it has no gradient this step."""
+        w0 = self._weights[key]
+        lora = self._lora.get(key)
+        if self.metric == "lora":
+            A, B = lora_weights(lora)
+            if A.grad is None or B.grad is None:
+                return None
+            g = lora_grad_estimate(A, B, A.grad, B.grad)
+        elif self.metric == "grad":
+            if w0.grad is None:
+                return None
+            g = w0.grad.float()
+        if lora is not None:
+            A, B = lora_weights(lora)
+            w = torch.addmm(w0.float(), B.float(), A.float(), alpha=scaling(lora))  # W0 + s·B·A
+        else:
+            w = w0.detach().to(torch.float32, copy=True)  # a copy: the in-place ops below must not touch W0
+        s = w.abs_() if self.metric == "magnitude" else w.mul_(g).abs_()
+        return s.square_() if self.power == 2 else s
+
+    def _step_units(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        heads = [torch.zeros_like(h) for h in self.heads]
+        chans = [torch.zeros_like(c) for c in self.channels]
+        layer = torch.zeros_like(self.layer)
+        seen = False
+        for i, path in self._keys():
+            s = self._element((i, path))
+            if s is None:
+                continue
+            seen = True
+            g, one = self.geometry[i], {path: s}  # per-module normalisation: modules can be reduced one by one
+            heads[i] += head_scores(self.spec, g, one).to(heads[i].device)
+            chans[i] += channel_scores(self.spec, g, one).to(chans[i].device)
+            layer[i] += float(s.sum())
+        if not seen:
+            raise RuntimeError("LoRAPrune found no gradients; call observe() after loss.backward() and before optimizer.zero_grad()")
+        return heads, chans, layer
+
+    # ---- the EMA ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, model=None) -> bool:
+        """Fold this step's scores into the EMA; False when the step was skipped (non-finite)."""
+        heads, chans, layer = self._step_units()
+        if not all(bool(torch.isfinite(t).all()) for t in (*heads, *chans, layer)):
+            self.skipped += 1
+            return False
+        b, a = self.beta, 1.0 - self.beta
+        for ema, new in zip((*self.heads, *self.channels, self.layer), (*heads, *chans, layer)):
+            ema.mul_(b).add_(a * new)
+        if self.keep_elements:  # second pass: recomputing beats holding every S until the finite check
+            for key in self._keys():
+                s = self._element(key)
+                if s is None:
+                    continue
+                ema = self.elements.setdefault(key, torch.zeros_like(s))
+                ema.mul_(b).add_(s.mul_(a))
+        self.steps += 1
+        return True
+
+    def update(self, model, batch: torch.LongTensor) -> None:
+        """One-shot use: forward and backward on `batch` [b, L], observe, drop the gradients."""
+        params = self._grad_params()
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            causal_lm_loss(model, batch).backward()
+        self.observe(model)
+        for p in params:
+            p.grad = None
+
+    def _grad_params(self) -> list[torch.Tensor]:
+        if self.metric == "grad":
+            return list(self._weights.values())
+        return [p for m in self._lora.values() for p in lora_weights(m)]
+
+    # ---- results ------------------------------------------------------------------------------
+    def unit_scores(self) -> list[dict]:
+        """EMA scores [{"heads": [H], "channels": [I], "layer": float}], as granularity.unit_scores."""
+        return [
+            {"heads": h.clone(), "channels": c.clone(), "layer": float(self.layer[i])}
+            for i, (h, c) in enumerate(zip(self.heads, self.channels))
+        ]
+
+    def layer_scores(self) -> torch.Tensor:
+        return self.layer.clone()
+
+    def element_scores(self) -> ElementScores:
+        out: ElementScores = {}
+        for (i, path), ema in self.elements.items():
+            out.setdefault(i, {})[path] = ema.clone()
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "metric": self.metric,
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "heads": [h.clone() for h in self.heads],
+            "channels": [c.clone() for c in self.channels],
+            "layer": self.layer.clone(),
+            "elements": {f"{i}:{path}": t.clone() for (i, path), t in self.elements.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["metric"] != self.metric or len(state["heads"]) != len(self.heads):
+            raise SlimtuneError("LoRAPrune state does not match this model or metric; resume with the original options")
+        self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
+        for dst, src in zip((*self.heads, *self.channels, self.layer), (*state["heads"], *state["channels"], state["layer"])):
+            dst.copy_(src)
+        self.elements = {}
+        for name, t in state["elements"].items():
+            i, path = name.split(":", 1)
+            self.elements[(int(i), path)] = t.clone()
+
+    def remove(self) -> None:
+        self._weights, self._lora, self.elements = {}, {}, {}

@@ -1,0 +1,50 @@
+"""The prune job's report: report.json, report.md and two plots in the output directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .evaluate import markdown_table, plot_curves, plot_kept_units, write_json
+from .io import atomic_write_text
+
+
+def _ratio(after: dict, before: dict, key: str) -> str:
+    a, b = after.get(key), before.get(key)
+    return f"{a / b:.3f}" if a and b else "-"
+
+
+def render_markdown(report: dict) -> str:
+    sp = report["sparsity"]
+    job = report["job"]
+    lines = [
+        "# slimtune prune report",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"- model: `{job['model']}`, data: `{job['data']}`, criterion: **{job['criterion']}**",
+        f"- granularity: {job['prune']['granularity']} (head mode {job['prune']['head_mode']}, {job['prune']['ranking']} ranking)",
+        f"- target sparsity {sp['target']:.3f} of decoder parameters; achieved **{sp['achieved']:.4f}** "
+        f"({sp['decoder_params_before']:,} -> {sp['decoder_params_after']:,})",
+        f"- steps: {len(report['history'])}; importance updates skipped (non-finite): {report['importance_skipped_updates']}",
+    ]
+    if report.get("reload_max_abs_diff") is not None:
+        lines.append(f"- reloaded with `AutoModelForCausalLM.from_pretrained`: max |logit diff| = {report['reload_max_abs_diff']:.2e}")
+    if report.get("before") and report.get("after"):
+        lines += ["", "## Before and after", "", markdown_table({"dense": report["before"], "pruned": report["after"]})]
+    lines += ["", "## Kept units per layer", "", "| layer | heads | KV heads | MLP channels |", "|---|---|---|---|"]
+    for row in report["per_layer"]:
+        if row["removed"]:
+            lines.append(f"| {row['layer']} | removed | removed | removed |")
+        else:
+            lines.append(f"| {row['layer']} | {row['heads_kept']}/{row['heads_total']} | {row['kv_heads_kept']} | {row['channels_kept']}/{row['channels_total']} |")
+    lines += ["", "![loss and sparsity](curves.png)", "", "![kept units](kept_units.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(directory: Path, report: dict) -> None:
+    directory = Path(directory)
+    write_json(directory / "report.json", report)
+    atomic_write_text(directory / "report.md", render_markdown(report))
+    if report["history"]:
+        plot_curves(report["history"], directory / "curves.png")
+    plot_kept_units(report["per_layer"], directory / "kept_units.png")

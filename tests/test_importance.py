@@ -81,6 +81,8 @@ def test_taylor_hooks_match_plain_backward(variant):
             assert torch.equal(hooked[i][path], plain[i][path]), (i, path)
     signs = torch.cat([s.flatten() for layer in hooked.values() for s in layer.values()]).sign()
     assert imp.signed == (variant == "vector") == bool((signs < 0).any())
+    with pytest.raises(RuntimeError, match="call update"):
+        imp.element_scores()  # remove() dropped the accumulators
 
 
 def test_taylor_element2_matches_manual_fisher_formula():

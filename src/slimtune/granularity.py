@@ -47,6 +47,10 @@ def parse_granularity(text: str, head_mode: str = "kv_groups") -> Granularity:
     return Granularity(**{p: True for p in parts}, head_mode=head_mode)
 
 
+def _device(scores: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(scores.values())).device if scores else torch.device("cpu")
+
+
 def _normalise(v: torch.Tensor, how: str) -> torch.Tensor:
     if how == "l2":
         return v / (v.norm() + 1e-8)
@@ -63,7 +67,7 @@ def _finish(v: torch.Tensor, signed: bool, how: str) -> torch.Tensor:
 def head_scores(spec, geom: LayerGeometry, scores: dict[str, torch.Tensor], signed=False, normalise="l2") -> torch.Tensor:
     """Per query head score [H]: q rows + o columns of the head, plus its KV head's k/v rows / G."""
     H, K, hd = geom.num_heads, geom.num_kv_heads, geom.head_dim
-    total = torch.zeros(H)
+    total = torch.zeros(H, device=_device(scores))
     if spec.q in scores:
         total += _finish(scores[spec.q].float().reshape(H, hd, -1).sum(dim=(1, 2)), signed, normalise)
     if spec.o in scores:
@@ -72,18 +76,18 @@ def head_scores(spec, geom: LayerGeometry, scores: dict[str, torch.Tensor], sign
         if path in scores:
             kv = _finish(scores[path].float().reshape(K, hd, -1).sum(dim=(1, 2)), signed, normalise)
             total += kv.repeat_interleave(geom.group_size) / geom.group_size
-    return total
+    return total.cpu()
 
 
 def channel_scores(spec, geom: LayerGeometry, scores: dict[str, torch.Tensor], signed=False, normalise="l2") -> torch.Tensor:
     """Per MLP channel score [I]: rows of gate/up plus the column of down."""
-    total = torch.zeros(geom.intermediate)
+    total = torch.zeros(geom.intermediate, device=_device(scores))
     for path in spec.mlp_in:
         if path in scores:
             total += _finish(scores[path].float().sum(dim=1), signed, normalise)
     if spec.mlp_out in scores:
         total += _finish(scores[spec.mlp_out].float().sum(dim=0), signed, normalise)
-    return total
+    return total.cpu()
 
 
 def layer_score(scores: dict[str, torch.Tensor], signed=False) -> float:

@@ -60,8 +60,8 @@ def _costs(masks: StructuredMasks, layer: nn.Module, i: int) -> dict[str, int]:
 
 def _head_queue(masks, i, scores, costs, head_mode) -> list[Candidate]:
     g = masks.geometry[i]
-    alive = masks.heads(i).bool()
-    s = torch.where(alive, scores.float(), torch.tensor(PRUNED))
+    alive = masks.heads(i).bool().cpu()
+    s = torch.where(alive, scores.float().cpu(), torch.tensor(PRUNED))
     if head_mode == "kv_groups" or g.group_size == 1:
         group = s.view(g.num_kv_heads, g.group_size)
         group_score = torch.where(torch.isinf(group).all(dim=1), torch.tensor(PRUNED), group.sum(dim=1))
@@ -82,8 +82,8 @@ def _head_queue(masks, i, scores, costs, head_mode) -> list[Candidate]:
 
 
 def _channel_queue(masks, i, scores, costs) -> list[Candidate]:
-    alive = masks.channels(i).bool()
-    s = torch.where(alive, scores.float(), torch.tensor(PRUNED))
+    alive = masks.channels(i).bool().cpu()
+    s = torch.where(alive, scores.float().cpu(), torch.tensor(PRUNED))
     order = torch.sort(s, stable=True).indices.tolist()
     return [Candidate(float(s[c]), costs["channel"], i, "channels", [c]) for c in order[:-1]]
 

@@ -6,7 +6,9 @@ This counts tensors, not the allocator's reserved-but-free blocks or the CUDA co
 CPU: PyTorch keeps no such counter, so a background thread samples the process resident set
 size (RSS) every ~5 ms while the call runs, plus once before and once after. RSS also counts
 Python objects and freed-but-not-returned heap, and a spike shorter than the sampling interval
-can be missed, so treat the CPU figure as an estimate. MB means 2**20 bytes.
+can be missed, so treat the CPU figure as an estimate. Before the baseline is read, freed heap
+is handed back to the OS (glibc `malloc_trim`), otherwise memory freed by an earlier measurement
+would be reused silently and the delta would read as zero. MB means 2**20 bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,17 @@ import torch
 
 _MB = 2**20
 _INTERVAL_S = 0.005
+
+
+def _release_freed_heap() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline just includes reusable heap
+        pass
 
 
 def _rss_bytes() -> int:
@@ -65,6 +78,7 @@ def track_peak_memory(device: torch.device | str = "cpu") -> Iterator[dict]:
                 peak_delta_mb=(peak - baseline) / _MB,
             )
         return
+    _release_freed_heap()
     baseline = _rss_bytes()
     sampler = _RssSampler()
     sampler.start()

@@ -38,9 +38,13 @@ def causal_lm_loss(model: nn.Module, batch: torch.LongTensor) -> torch.Tensor:
     Computed here rather than by HF, which casts logits to fp32: an fp64 model keeps an fp64 loss,
     so the Taylor checks in the tests can reach below fp32 rounding. Half precision goes up to fp32.
     """
-    logits = model(input_ids=batch, use_cache=False).logits[:, :-1]  # [b, L-1, V]
+    batch = batch.to(model.get_input_embeddings().weight.device)
+    logits = model(input_ids=batch, use_cache=False).logits  # [b, L, V]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    # position t predicts token t+1; the last position has no target (padding the labels, not
+    # slicing the logits, avoids copying [b, L, V])
+    labels = F.pad(batch[:, 1:], (0, 1), value=-100)  # [b, L]
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 class Importance:

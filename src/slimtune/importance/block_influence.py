@@ -37,7 +37,7 @@ class BlockInfluence(Importance):
         layers = self.spec.decoder_layers(model)
         handles = [layer.register_forward_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
         try:
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=batch.to(model.get_input_embeddings().weight.device), use_cache=False)
         finally:
             for h in handles:
                 h.remove()

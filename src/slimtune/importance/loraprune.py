@@ -40,9 +40,14 @@ from .base import ElementScores, Importance, causal_lm_loss, projection_weights
 METRICS = ("lora", "grad", "magnitude")
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16/fp16 are upcast, fp64 stays fp64 for exact tests); may alias `t`."""
+    return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
+
 def lora_grad_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor) -> torch.Tensor:
-    """Ĝ = G_B·A + B·G_A − G_B·G_A  [out, in], computed in fp32."""
-    A, B, gA, gB = A.float(), B.float(), gA.float(), gB.float()
+    """Ĝ = G_B·A + B·G_A − G_B·G_A  [out, in], computed in (at least) fp32."""
+    A, B, gA, gB = _fp32(A), _fp32(B), _fp32(gA), _fp32(gB)
     g = gB @ A
     g.addmm_(B, gA)
     g.addmm_(gB, gA, alpha=-1.0)
@@ -108,12 +113,12 @@ class LoRAPruneImportance(Importance):
         elif self.metric == "grad":
             if w0.grad is None:
                 return None
-            g = w0.grad.float()
+            g = _fp32(w0.grad)
         if lora is not None:
             A, B = lora_weights(lora)
-            w = torch.addmm(w0.float(), B.float(), A.float(), alpha=scaling(lora))  # W0 + s·B·A
+            w = torch.addmm(_fp32(w0), _fp32(B), _fp32(A), alpha=scaling(lora))  # W0 + s·B·A
         else:
-            w = w0.detach().to(torch.float32, copy=True)  # a copy: the in-place ops below must not touch W0
+            w = _fp32(w0).clone()  # a copy: the in-place ops below must not touch W0
         s = w.abs_() if self.metric == "magnitude" else w.mul_(g).abs_()
         return s.square_() if self.power == 2 else s
 
@@ -127,10 +132,13 @@ class LoRAPruneImportance(Importance):
             if s is None:
                 continue
             seen = True
-            g, one = self.geometry[i], {path: s}  # per-module normalisation: modules can be reduced one by one
-            heads[i] += head_scores(self.spec, g, one).to(heads[i].device)
-            chans[i] += channel_scores(self.spec, g, one).to(chans[i].device)
             layer[i] += float(s.sum())
+            # Normalisation is per module, so modules reduce one at a time. A unit is a set of rows
+            # (q/k/v/gate/up) or columns (o/down); their sums, moved to the CPU, are all it needs.
+            cols = path in (self.spec.o, self.spec.mlp_out)
+            one = {path: s.sum(dim=0 if cols else 1, keepdim=True).cpu()}  # [1, in] or [out, 1]
+            heads[i] += head_scores(self.spec, self.geometry[i], one)
+            chans[i] += channel_scores(self.spec, self.geometry[i], one)
         if not seen:
             raise RuntimeError("LoRAPrune found no gradients; call observe() after loss.backward() and before optimizer.zero_grad()")
         return heads, chans, layer

@@ -104,3 +104,4 @@ class TaylorImportance(Importance):
             p.requires_grad_(flag)
         self._flags = []
         self._grad_sum, self._grad_sq = {}, {}
+        self.steps = 0

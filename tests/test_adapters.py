@@ -1,0 +1,150 @@
+"""LoRA-family set-up through PEFT, and a merge that keeps every pruned weight exactly zero."""
+
+import pytest
+import torch
+
+from slimtune.adapters import (
+    LoraSettings,
+    attach_lora,
+    lora_pairs,
+    lora_weights,
+    merge_keep_masks,
+    save_adapters,
+    scaling,
+)
+from slimtune.errors import SlimtuneError
+from slimtune.gates import attach_gates
+from slimtune.masks import StructuredMasks
+from slimtune.models.arch import get_arch
+from tests.conftest import tiny_model
+
+TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_default_targets_are_the_seven_projections(fam):
+    base = tiny_model(fam)
+    spec = get_arch(base)
+    model = attach_lora(base)
+    assert set(model.peft_config["default"].target_modules) == set(spec.leaf_names())
+    pairs = lora_pairs(model)
+    n_proj = len(spec.projections())
+    assert n_proj == (7 if fam == "llama" else 6)  # OPT has one MLP input projection (fc1)
+    assert len(pairs) == n_proj * len(spec.decoder_layers(model))
+    assert [p for _, p, _ in pairs[:n_proj]] == list(spec.projections())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert scaling(pairs[0][2]) == 16 / 8
+
+
+def test_settings_and_targets_are_validated():
+    with pytest.raises(SlimtuneError) as err:
+        attach_lora(tiny_model("llama"), LoraSettings(targets=["q_proj", "q_prj"]))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("target modules q_prj match nothing")
+    assert "available: " in msg and "down_proj" in msg and "lm_head" in msg
+    for bad in (dict(variant="qlora"), dict(r=0), dict(alpha=-1), dict(dropout=1.0), dict(targets=[])):
+        with pytest.raises(SlimtuneError):
+            LoraSettings(**bad)
+    model = attach_lora(tiny_model("llama"), LoraSettings(targets=["q_proj", "v_proj"]))
+    assert {p.rsplit(".", 1)[-1] for _, p, _ in lora_pairs(model)} == {"q_proj", "v_proj"}
+
+
+def test_rslora_scaling():
+    model = attach_lora(tiny_model("llama"), LoraSettings(r=4, alpha=16, variant="rslora"))
+    assert all(scaling(m) == 16 / 4**0.5 for _, _, m in lora_pairs(model))
+
+
+@pytest.mark.parametrize("variant", ["dora", "pissa"])
+def test_dora_and_pissa_start_at_the_base_model(variant):
+    base = tiny_model("llama")
+    ref = logits(base)
+    weights = {n: m.weight.detach().clone() for n, m in base.named_modules() if n.endswith("q_proj")}
+    model = attach_lora(base, LoraSettings(r=4, variant=variant)).eval()
+    torch.testing.assert_close(logits(model), ref, atol=1e-4, rtol=0)
+    if variant == "pissa":  # the frozen base is the residual: W_res + s·B·A == W
+        for name, m in model.named_modules():
+            if name.endswith("q_proj") and hasattr(m, "get_base_layer"):
+                A, B = lora_weights(m)
+                key = name.split("base_model.model.", 1)[1]
+                torch.testing.assert_close(m.get_base_layer().weight + scaling(m) * B @ A, weights[key], atol=1e-5, rtol=0)
+    else:
+        trainable = {n.rsplit(".", 2)[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+        assert "lora_magnitude_vector" in trainable
+
+
+def train_a_little(model, steps=3, lr=0.5):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for s in range(steps):
+        tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(s))
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def test_merge_keeps_structured_pruning_exact():
+    model = attach_lora(tiny_model("llama"), LoraSettings(r=4, dropout=0.0))
+    masks = StructuredMasks(model)
+    masks.set(1, heads=[1, 1, 1, 0, 0, 0])  # a whole KV group (heads 3-5 share KV head 1)
+    masks.set(2, heads=[0, 1, 1, 1, 1, 1])  # one query head of a shared KV group
+    keep = torch.ones(96)
+    keep[::3] = 0
+    masks.set(2, channels=keep)
+    gates = attach_gates(model, masks)  # after attach_lora, so the gates also cover the LoRA path
+    train_a_little(model)
+    o = lora_pairs(model)[7 * 1 + 3][2]  # layer 1, o_proj: its B·A is dense in the pruned columns
+    assert bool((lora_weights(o)[1] @ lora_weights(o)[0])[:, 48:].abs().sum() > 0)
+    gated = logits(model)
+    merged = merge_keep_masks(model, masks)
+    assert not hasattr(merged, "peft_config")
+    spec, layers = get_arch(merged), get_arch(merged).decoder_layers(merged)
+    w = lambda i, path: layers[i].get_submodule(path).weight  # noqa: E731
+    assert (w(1, spec.q)[48:] == 0).all() and (w(1, spec.o)[:, 48:] == 0).all()
+    assert (w(1, spec.k)[16:] == 0).all() and (w(1, spec.v)[16:] == 0).all()
+    assert (w(2, spec.q)[:16] == 0).all() and (w(2, spec.o)[:, :16] == 0).all()
+    assert (w(2, spec.k) != 0).all(dim=1).all()  # the KV head is still shared by kept query heads
+    for path in spec.mlp_in:
+        assert (w(2, path)[::3] == 0).all()
+    assert (w(2, spec.mlp_out)[:, ::3] == 0).all()
+    torch.testing.assert_close(logits(merged), gated, atol=1e-5, rtol=1e-5)
+    gates.remove()
+
+
+def test_merge_keeps_unstructured_zeros():
+    model = attach_lora(tiny_model("llama"), LoraSettings(r=4, dropout=0.0))
+    spec = get_arch(model)
+    gen = torch.Generator().manual_seed(5)
+    weight_masks = {}
+    for i, path, m in lora_pairs(model)[:10]:
+        keep = torch.rand(m.get_base_layer().weight.shape, generator=gen) > 0.5
+        weight_masks[(i, path)] = keep
+        with torch.no_grad():
+            m.get_base_layer().weight.mul_(keep)
+    train_a_little(model)
+    expected = {}
+    for i, path, m in lora_pairs(model)[:10]:
+        A, B = lora_weights(m)
+        expected[(i, path)] = (m.get_base_layer().weight + scaling(m) * B @ A).detach()
+    merged = merge_keep_masks(model, weight_masks=weight_masks)
+    layers = spec.decoder_layers(merged)
+    for (i, path), keep in weight_masks.items():
+        weight = layers[i].get_submodule(path).weight
+        assert (weight[~keep] == 0).all()
+        torch.testing.assert_close(weight[keep], expected[(i, path)][keep])
+
+
+def test_save_adapters(tmp_path):
+    model = attach_lora(tiny_model("llama"), LoraSettings(r=4))
+    save_adapters(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    with pytest.raises(SlimtuneError):
+        save_adapters(tiny_model("llama"), tmp_path / "nope")
+    with pytest.raises(SlimtuneError, match="no adapters"):
+        merge_keep_masks(tiny_model("llama"))

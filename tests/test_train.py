@@ -1,0 +1,99 @@
+"""Progressive LoRAPrune training: monotone masks, resume == uninterrupted, NaN stops cleanly,
+and the TrainerCallback drives the same components inside a transformers.Trainer."""
+
+import copy
+
+import pytest
+import torch
+
+from slimtune.adapters import LoraSettings, attach_lora, merge_keep_masks
+from slimtune.errors import SlimtuneError
+from slimtune.export import shrink_
+from slimtune.importance.loraprune import LoRAPruneImportance
+from slimtune.pruner import Pruner, PruneSettings
+from slimtune.train import Trainer, TrainSettings
+from tests.conftest import tiny_model
+
+TOKENS = torch.randint(0, 96, (16, 16), generator=torch.Generator().manual_seed(3))
+
+
+def _setup(steps=8, tmp=None, sparsity=0.4):
+    torch.manual_seed(0)
+    model = attach_lora(tiny_model("llama", num_hidden_layers=4), LoraSettings(r=4, alpha=8))
+    imp = LoRAPruneImportance(model)
+    pruner = Pruner(model, PruneSettings(sparsity=sparsity, prune_every=2, exclude_layers=[0]), imp, total_steps=steps)
+    trainer = Trainer(model, TOKENS, TrainSettings(steps=steps, batch_size=2, lr=1e-2, warmup_steps=0, checkpoint_every=2), imp, pruner, checkpoint_dir=tmp)
+    return model, imp, pruner, trainer
+
+
+def test_progressive_masks_grow_and_reach_target():
+    model, imp, pruner, trainer = _setup()
+    snapshots = []
+    while trainer.step < trainer.s.steps:
+        trainer.train_step()
+        pruner.step(trainer.step)
+        snapshots.append(copy.deepcopy(pruner.masks))
+    for prev, cur in zip(snapshots, snapshots[1:]):
+        assert cur.is_subset_of(prev)
+    info = pruner.finalize()
+    assert info["achieved"] == pytest.approx(0.4, abs=0.05)
+    assert imp.steps == 8 and imp.skipped == 0
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    _, _, full_pruner, full = _setup(tmp=tmp_path / "a")
+    full.run(progress=False)
+    # interrupted after 4 steps (a checkpoint is written every 2), then resumed in a fresh set-up
+    _, _, _, first = _setup(tmp=tmp_path / "b")
+    first.s.steps = 4
+    first.run(progress=False)
+    _, _, resumed_pruner, resumed = _setup(tmp=tmp_path / "b")
+    assert resumed.load_checkpoint() and resumed.step == 4
+    resumed.run(progress=False)
+    for a, b in zip(full_pruner.masks.buffers(), resumed_pruner.masks.buffers()):
+        assert torch.equal(a, b)
+    assert [h["loss"] for h in full.history] == pytest.approx([h["loss"] for h in resumed.history], rel=1e-5)
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+    model, _, _, trainer = _setup(tmp=tmp_path)
+    trainer.s.steps = 2
+    trainer.run(progress=False)
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    with torch.no_grad():
+        model.get_base_model().model.embed_tokens.weight.fill_(float("nan"))
+    trainer.s.steps = 4
+    with pytest.raises(SlimtuneError, match=r"at step 3; the last good checkpoint"):
+        trainer.run(progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+
+
+def test_merge_then_shrink_matches_gated_model():
+    model, _, pruner, trainer = _setup()
+    trainer.run(progress=False)
+    pruner.finalize()
+    model.eval()  # no LoRA dropout
+    x = TOKENS[:2]
+    with torch.no_grad():
+        gated = model(input_ids=x).logits
+    pruner.remove_gates()
+    merged = merge_keep_masks(model, pruner.masks)
+    shrink_(merged, pruner.masks)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, gated, rtol=1e-4, atol=1e-4)
+
+
+def test_trainer_callback_runs_inside_hf_trainer(tmp_path):
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainingArguments
+
+    from slimtune.callback import PruneCallback
+
+    model, imp, pruner, _ = _setup(steps=6)
+    data = [{"input_ids": row, "labels": row} for row in TOKENS]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0)
+    HFTrainer(model=model, args=args, train_dataset=data, callbacks=[PruneCallback(pruner, imp)]).train()
+    assert imp.steps == 6
+    assert float(pruner.current) == pytest.approx(0.4)
+    assert pruner.masks.pruned_fraction()["channels"] > 0

@@ -83,6 +83,7 @@ class Pruner(nn.Module):
         info = select(
             self.model, self.masks, scores, self.settings.gran, sparsity,
             ranking=self.settings.ranking, excluded=self.excluded, layer_share=self.settings.layer_share,
+            final_sparsity=self.settings.sparsity,
         )
         self.current.fill_(sparsity)
         self.last_info = info

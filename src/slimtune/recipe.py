@@ -26,6 +26,15 @@ from .runtime import check_seq_len, pick_device
 from .train import Trainer, TrainSettings
 
 PROGRESSIVE = ("loraprune", "grad")  # importance observed during LoRA fine-tuning
+ONE_SHOT = {  # CLI name -> (registry name, options)
+    "taylor": ("taylor", {"variant": "element1"}),
+    "taylor2": ("taylor", {"variant": "element2"}),
+    "taylor_vector": ("taylor", {"variant": "vector"}),
+    "magnitude": ("magnitude", {"p": 1}),
+    "l2": ("magnitude", {"p": 2}),
+    "random": ("random", {}),
+    "block_influence": ("block_influence", {}),
+}
 PRESETS = {
     # name: (train overrides, job overrides); "quick" is the default, sized for a 2-core CPU
     "quick": ({}, {}),
@@ -60,6 +69,8 @@ class PruneJob:
     def __post_init__(self):
         if self.seq_len < 2:
             raise SlimtuneError(f"--seq-len {self.seq_len} is too small; use at least 2 (e.g. 256)")
+        if self.criterion not in PROGRESSIVE and self.criterion not in ONE_SHOT:
+            raise SlimtuneError(f"unknown criterion '{self.criterion}'; choose one of {', '.join([*PROGRESSIVE, *ONE_SHOT])}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise SlimtuneError(f"unknown --dtype '{self.dtype}'; choose float32, bfloat16 or float16")
 
@@ -119,7 +130,8 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     else:
         from .importance import make_importance
 
-        importance = make_importance(job.criterion, net)
+        name, options = ONE_SHOT[job.criterion]
+        importance = make_importance(name, net, **options)
         if getattr(importance, "needs_data", True):
             for b in range(job.calib_batches):
                 importance.update(net, batch_at(train_tokens, job.train.batch_size, job.train.seed + 1, b).to(next(net.parameters()).device))

@@ -102,23 +102,43 @@ def _apply(masks: StructuredMasks, chosen: list[Candidate]) -> None:
         masks.set(i, heads=heads, channels=chans, layer=layer)
 
 
-def _take_local(queues: dict[int, dict[str, list[Candidate]]], rho: float, gran: Granularity, costs) -> list[Candidate]:
+def _head_plan(queues, gran: Granularity, costs, sparsity: float, final: float, rho_final: float) -> dict[int, int]:
+    """Heads to remove per layer when heads and channels are mixed.
+
+    Heads are coarse units, so their count is fixed from the *final* target (the same ratio rho
+    for heads and for the layer, never more head parameters than the layer's share) and ramped
+    up proportionally, rounding up; channels then fill each layer's budget exactly. Rounding up
+    keeps early channel removals below their final count, so masks can only grow and the final
+    target is still met exactly.
+    """
+    frac = 1.0 if final <= 0 else min(1.0, sparsity / final)
+    plan = {}
+    for i, q in queues.items():
+        heads_q = q["heads"]
+        n_final = round(rho_final * (len(heads_q) + 1))
+        layer_final = rho_final * (costs[i]["attention"] + costs[i]["mlp"])
+        while n_final > 0 and sum(c.cost for c in heads_q[:n_final]) > layer_final:
+            n_final -= 1
+        already = sum(c.score == PRUNED for c in heads_q)
+        plan[i] = min(len(heads_q), max(already, math.ceil(frac * n_final - 1e-9)))
+    return plan
+
+
+def _take_local(queues: dict[int, dict[str, list[Candidate]]], rho: float, gran: Granularity, costs, head_plan=None) -> list[Candidate]:
     chosen = []
     for i, q in queues.items():
         removed = 0
         if gran.heads:
             heads_q = q["heads"]
             already = sum(c.score == PRUNED for c in heads_q)
-            units_total = len(heads_q) + 1  # the queue leaves one unit alive
-            n = min(len(heads_q), max(already, round(rho * units_total)))
+            n = head_plan[i] if head_plan is not None else min(len(heads_q), max(already, round(rho * (len(heads_q) + 1))))
             chosen += heads_q[:n]
             removed += sum(c.cost for c in heads_q[:n])
         if gran.channels:
             ch_q = q["channels"]
             already = sum(c.score == PRUNED for c in ch_q)
             if gran.heads:
-                target = rho * (costs[i]["attention"] + costs[i]["mlp"])
-                n = round(max(0.0, target - removed) / costs[i]["channel"])
+                n = round(max(0.0, rho * (costs[i]["attention"] + costs[i]["mlp"]) - removed) / costs[i]["channel"])
             else:
                 n = round(rho * (len(ch_q) + 1))
             n = min(len(ch_q), max(already, n))
@@ -159,8 +179,13 @@ def select(
     ranking: str = "local",
     excluded: set[int] | None = None,
     layer_share: float = 0.5,
+    final_sparsity: float | None = None,
 ) -> dict:
-    """Update `masks` in place so that about `sparsity` of decoder parameters is pruned."""
+    """Update `masks` in place so that about `sparsity` of decoder parameters is pruned.
+
+    `final_sparsity` is the target a progressive schedule is heading to (defaults to `sparsity`);
+    local ranking uses it to ramp heads and channels together (see `_head_plan`).
+    """
     if not 0.0 <= sparsity < 1.0:
         raise SlimtuneError(f"sparsity {sparsity} is outside [0, 1); pass a fraction such as 0.2")
     if ranking not in ("local", "global"):
@@ -203,7 +228,13 @@ def select(
         if ranking == "global":
             chosen += _take_global(queues, budget)
         else:
-            chosen += _solve_local(queues, budget, gran, costs, sparsity)
+            head_plan = None
+            if gran.heads and gran.channels:
+                final = sparsity if final_sparsity is None else max(final_sparsity, sparsity)
+                prunable_params = sum(costs[i]["attention"] + costs[i]["mlp"] for i in prunable)
+                rho_final = min(1.0, (final * total - (sparsity * total - budget)) / max(prunable_params, 1))
+                head_plan = _head_plan(queues, gran, costs, sparsity, final, rho_final)
+            chosen += _solve_local(queues, budget, gran, costs, head_plan)
     _apply(masks, chosen)
     before, after = decoder_param_count(model, masks)
     achieved = 1 - after / before
@@ -215,10 +246,10 @@ def select(
     return {"target": sparsity, "achieved": achieved, "decoder_params_before": before, "decoder_params_after": after}
 
 
-def _solve_local(queues, budget, gran, costs, sparsity) -> list[Candidate]:
+def _solve_local(queues, budget, gran, costs, head_plan) -> list[Candidate]:
     """Bisect the per-layer ratio rho so that the removed parameters meet the budget."""
     def removed(rho):
-        chosen = _take_local(queues, rho, gran, costs)
+        chosen = _take_local(queues, rho, gran, costs, head_plan)
         return chosen, sum(c.cost for c in chosen)
 
     lo, hi = 0.0, 1.0

@@ -1,0 +1,123 @@
+"""The CLI end to end on a tiny local model and text file, and its one-line errors."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from slimtune.cli import main
+from tests.conftest import ByteTokenizerFactory, tiny_model
+
+FAST = ["--seq-len", "16", "--eval-windows", "2", "--latency-seq-len", "8", "--latency-repeats", "1", "--decode-tokens", "2", "--quiet"]
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=4, vocab_size=96)
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    ByteTokenizerFactory.make(96).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    paras = [f"Paragraph {i} talks about topic {i % 7} with some words and numbers {i * 13}." * 3 for i in range(60)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(paras))
+    return path
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("criterion", ["loraprune", "taylor", "magnitude"])
+def test_prune_end_to_end(tmp_path, tiny_dir, text_file, capsys, criterion):
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, "prune", "--model", tiny_dir, "--data", text_file, "--out", out, "--criterion", criterion,
+                             "--sparsity", "0.3", "--steps", "4", "--batch-size", "2", "--calib-batches", "1", "--json", tmp_path / "r.json", *FAST)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"]["achieved"] == pytest.approx(0.3, abs=0.05)
+    assert report["reload_max_abs_diff"] < 1e-4
+    assert (out / "report.md").is_file() and (out / "kept_units.png").stat().st_size > 0
+    assert (out / "adapters" / "adapter_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    n_before = report["sparsity"]["decoder_params_before"]
+    assert sum(p.numel() for p in model.model.layers.parameters()) == report["sparsity"]["decoder_params_after"] < n_before
+    assert not (tmp_path / ".out.work").exists()
+    assert json.loads((tmp_path / "r.json").read_text())["after"]["perplexity"] > 1
+
+
+def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
+    code, stdout, _ = _run(capsys, "eval", "--model", tiny_dir, "--data", text_file, "--json", tmp_path / "e.json", *FAST)
+    assert code == 0 and "perplexity" in stdout
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["perplexity"] > 1 and result["params_decoder"] > 0 and result["prefill_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--model", "/nonexistent/model"], "does not exist"),
+        (["prune", "--sparsity", "1.5"], "outside [0, 1)"),
+        (["prune", "--granularity", "neurons"], "unknown granularity"),
+        (["prune", "--criterion", "nonsense"], "unknown criterion"),
+        (["eval", "--seq-len", "1"], "too small"),
+        (["eval", "--seq-len", "100000"], "exceeds the model's context"),
+        (["prune", "--lora-targets", "nope_proj"], "match nothing"),
+        (["prune", "--steps", "2", "--warmup", "0.5", "--cooldown", "0.5"], "warmup + cooldown"),
+        (["eval", "--json", "/proc/forbidden/x.json"], "cannot write"),
+        (["prune", "--preset", "huge"], "unknown preset"),
+        (["prune", "--resume"], "nothing to resume"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, tiny_dir, text_file, capsys, args, message):
+    if "--model" not in args:
+        args = [*args, "--model", str(tiny_dir)]
+    args = [args[0], "--data", str(text_file), *FAST, *args[1:]]  # the case's own options win
+    if args[0] == "prune":
+        args += ["--out", str(tmp_path / "o"), "--steps", "2"] if "--steps" not in args else ["--out", str(tmp_path / "o")]
+    code, _, err = _run(capsys, *args)
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("slimtune: error:") and message in line, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_a_causal_lm_and_empty_file(tmp_path, capsys, text_file, tiny_dir):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    bert = tmp_path / "distilbert"
+    DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=32)).save_pretrained(bert)
+    code, _, err = _run(capsys, "eval", "--model", bert, "--data", text_file, *FAST)
+    assert code == 2 and "not a causal language model" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    code, _, err = _run(capsys, "eval", "--model", tiny_dir, "--data", empty, *FAST)
+    assert code == 2 and "empty" in err and "Traceback" not in err
+
+
+def test_existing_output_is_kept_without_overwrite(tmp_path, tiny_dir, text_file, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    code, _, err = _run(capsys, "prune", "--model", tiny_dir, "--data", text_file, "--out", out, "--steps", "2", *FAST)
+    assert code == 2 and "--overwrite" in err
+    assert (out / "precious.txt").read_text() == "keep"
+
+
+def test_unsupported_architecture(tmp_path, text_file, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=96)).save_pretrained(path)
+    ByteTokenizerFactory.make(96).save_pretrained(path)
+    code, _, err = _run(capsys, "prune", "--model", path, "--data", text_file, "--out", tmp_path / "o", "--steps", "2", *FAST)
+    assert code == 2 and "unsupported architecture 'gpt2'" in err and "llama" in err
+    torch.manual_seed(0)

@@ -118,7 +118,8 @@ def parent(repeats: int, taylor_variants: list[str], out: Path) -> dict:
                   "projection_weights_fp32_mb": first["projection_weights_fp32_mb"],
                   "memory_method": "process RSS sampled every 5 ms (slimtune.evaluate.track_peak_memory); "
                                    "MB = 2**20 bytes; delta = peak minus RSS before update 1 (model loaded, one "
-                                   "no-grad forward done); default glibc malloc, so freed memory may stay resident",
+                                   "no-grad forward done); track_peak_memory runs gc + glibc malloc_trim before each update, "
+                                   "so heap freed earlier is not silently reused",
                   "timing_note": "seconds are indicative only: the CPU was shared with other jobs"},
         "results": runs,
     }

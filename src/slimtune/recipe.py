@@ -59,6 +59,7 @@ class PruneJob:
     calib_batches: int = 4  # one-shot criteria: batches of calibration data
     recover_steps: int | None = None  # one-shot: LoRA recovery steps after pruning (None: train.steps)
     evaluate: bool = True
+    evaluate_dense: bool = True  # benchmarks measure the dense model once and skip it here
     dtype: str = "float32"
     device: str = "auto"
     prune: PruneSettings = field(default_factory=PruneSettings)
@@ -114,7 +115,7 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     check_seq_len(model, job.seq_len)
     train_tokens = load_tokens(job.data, tokenizer, "train", job.seq_len)
     test_tokens = load_tokens(job.data, tokenizer, "test", job.seq_len, max_sequences=job.eval_windows)
-    before = _evaluate(model, test_tokens, job, "dense", progress) if job.evaluate else None
+    before = _evaluate(model, test_tokens, job, "dense", progress) if job.evaluate and job.evaluate_dense else None
 
     progressive = job.criterion in PROGRESSIVE
     recover = job.train.steps if job.recover_steps is None else job.recover_steps

@@ -149,7 +149,7 @@ def _take_local(queues: dict[int, dict[str, list[Candidate]]], rho: float, gran:
 def _take_global(queues, budget: float) -> list[Candidate]:
     pool = []
     for q in queues.values():
-        for kind, cands in q.items():
+        for cands in q.values():
             finite = [c.score for c in cands if c.score != PRUNED]
             mean = (sum(finite) / len(finite)) if finite else 1.0
             for pos, c in enumerate(cands):

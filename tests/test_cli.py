@@ -121,3 +121,23 @@ def test_unsupported_architecture(tmp_path, text_file, capsys):
     code, _, err = _run(capsys, "prune", "--model", path, "--data", text_file, "--out", tmp_path / "o", "--steps", "2", *FAST)
     assert code == 2 and "unsupported architecture 'gpt2'" in err and "llama" in err
     torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("gran, extra", [("unstructured", []), ("nm", ["--nm", "2:4"])])
+def test_weight_level_pruning_end_to_end(tmp_path, tiny_dir, text_file, capsys, gran, extra):
+    out = tmp_path / "w"
+    code, _, err = _run(capsys, "prune", "--model", tiny_dir, "--data", text_file, "--out", out, "--granularity", gran, *extra,
+                        "--sparsity", "0.4", "--steps", "4", "--batch-size", "2", *FAST)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    layers = model.model.layers
+    if gran == "nm":
+        for i in range(len(layers) - 1):  # the last layer is excluded by default
+            w = layers[i].mlp.up_proj.weight.view(-1, 4)
+            assert bool(((w != 0).sum(dim=1) == 2).all())
+    zeros = sum(int((p == 0).sum()) for p in layers.parameters())
+    total = sum(p.numel() for p in layers.parameters())
+    assert zeros / total == pytest.approx(report["sparsity"]["achieved"], abs=1e-3)
+    if gran == "unstructured":
+        assert report["sparsity"]["achieved"] == pytest.approx(0.4, abs=0.01)

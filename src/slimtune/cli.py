@@ -6,6 +6,7 @@ import argparse
 import os
 import shlex
 import sys
+import warnings
 
 from .errors import SlimtuneError
 
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--preset", default="quick", help="quick (default, minutes on CPU), standard, paper")
     pr.add_argument("--criterion", default="loraprune", help="loraprune, grad (true-gradient LoRAPrune), taylor, taylor2, taylor_vector, magnitude, l2, random, block_influence")
     pr.add_argument("--sparsity", type=float, default=0.2, help="fraction of decoder-layer parameters to remove, in [0, 1)")
-    pr.add_argument("--granularity", default="heads,channels", help="heads, channels, layers, or a comma-separated mix")
+    pr.add_argument("--granularity", default="heads,channels", help="heads, channels, layers, or a comma-separated mix; or unstructured, or nm (see --nm)")
+    pr.add_argument("--nm", default="2:4", help="with --granularity nm: keep n weights in every m consecutive inputs (default 2:4)")
     pr.add_argument("--head-mode", default="kv_groups", choices=["kv_groups", "q_heads"], help="GQA: remove whole KV groups, or equal numbers of query heads per group")
     pr.add_argument("--ranking", default="local", choices=["local", "global"])
     pr.add_argument("--exclude-layers", default=None, help="comma-separated layer indices never pruned (default: first 10%% and the last)")
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--grad-accum", type=int, default=None)
     pr.add_argument("--lr", type=float, default=None)
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--checkpoint-every", type=int, default=None, help="optimiser steps between resumable checkpoints (default 10; 0 = none)")
     pr.add_argument("--gradient-checkpointing", action="store_true")
     pr.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     pr.add_argument("--lora-r", type=int, default=8)
@@ -124,7 +127,7 @@ def _prune(args) -> int:
         if getattr(args, key) is not None:
             setattr(job, key, getattr(args, key))
     train = job.train
-    for key in ("steps", "batch_size", "grad_accum", "lr"):
+    for key in ("steps", "batch_size", "grad_accum", "lr", "checkpoint_every"):
         if getattr(args, key) is not None:
             setattr(train, key, getattr(args, key))
     job.train = TrainSettings(**{**train.__dict__, "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing, "mixed_precision": args.mixed_precision})
@@ -132,7 +135,7 @@ def _prune(args) -> int:
     job.prune = PruneSettings(
         sparsity=args.sparsity, granularity=args.granularity, head_mode=args.head_mode, ranking=args.ranking,
         exclude_layers=_ints(args.exclude_layers), layer_share=args.layer_share, schedule=args.schedule,
-        warmup=args.warmup, cooldown=args.cooldown, prune_every=prune_every,
+        warmup=args.warmup, cooldown=args.cooldown, prune_every=prune_every, nm=args.nm,
     )
     targets = [t.strip() for t in args.lora_targets.split(",")] if args.lora_targets else None
     job.lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets, variant=args.lora_variant)
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # PEFT 0.21 calls a transformers 5 API that warns about its own deprecation on every run
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         from transformers.utils import logging as hf_logging
 

@@ -43,7 +43,7 @@ def parse_granularity(text: str, head_mode: str = "kv_groups") -> Granularity:
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
     unknown = [p for p in parts if p not in STRUCTURED]
     if unknown:
-        raise SlimtuneError(f"unknown granularity '{unknown[0]}'; choose from {', '.join(STRUCTURED)} (comma-separated mix allowed)")
+        raise SlimtuneError(f"unknown granularity '{unknown[0]}'; choose from {', '.join(STRUCTURED)} (comma-separated mix allowed), or unstructured or nm on their own")
     return Granularity(**{p: True for p in parts}, head_mode=head_mode)
 
 

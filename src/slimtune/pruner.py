@@ -33,6 +33,7 @@ class PruneSettings:
     cooldown: float = 0.1
     prune_every: int = 10
     normalise: str = "l2"
+    nm: str = "2:4"  # with granularity "nm": n kept weights in every m consecutive inputs
     history: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -40,7 +41,12 @@ class PruneSettings:
             raise SlimtuneError(f"sparsity {self.sparsity} is outside [0, 1); pass a fraction such as 0.2")
         if self.prune_every < 1:
             raise SlimtuneError("--prune-every must be at least 1")
-        self.gran = parse_granularity(self.granularity, self.head_mode)
+        # unstructured / N:M masks live on weights (weight_pruner.py), not on heads or channels
+        self.gran = None if self.weight_level else parse_granularity(self.granularity, self.head_mode)
+
+    @property
+    def weight_level(self) -> bool:
+        return self.granularity.strip().lower() in ("unstructured", "nm")
 
 
 def scores_from(importance, masks: StructuredMasks, normalise: str = "l2") -> list[dict]:
@@ -55,6 +61,15 @@ def scores_from(importance, masks: StructuredMasks, normalise: str = "l2") -> li
         for i, s in enumerate(scores):
             s["layer"] = float(layer[i])
     return scores
+
+
+def make_pruner(model: nn.Module, settings: PruneSettings, importance, total_steps: int = 1):
+    """The structured `Pruner`, or the `WeightPruner` for unstructured and N:M granularity."""
+    if settings.weight_level:
+        from .weight_pruner import WeightPruner
+
+        return WeightPruner(model, settings, importance, total_steps)
+    return Pruner(model, settings, importance, total_steps)
 
 
 class Pruner(nn.Module):

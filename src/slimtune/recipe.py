@@ -20,7 +20,7 @@ from .evaluate import evaluate_model
 from .export import save_model, shrink_
 from .io import check_writable_parent
 from .models import get_arch, load_model
-from .pruner import Pruner, PruneSettings
+from .pruner import PruneSettings, make_pruner
 from .report import write_report
 from .runtime import check_seq_len, pick_device
 from .train import Trainer, TrainSettings
@@ -124,10 +124,10 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     if progressive:
         from .importance.loraprune import LoRAPruneImportance, enable_full_grad
 
-        importance = LoRAPruneImportance(net, metric="grad" if job.criterion == "grad" else "lora")
+        importance = LoRAPruneImportance(net, metric="grad" if job.criterion == "grad" else "lora", keep_elements=job.prune.weight_level)
         if job.criterion == "grad":
             enable_full_grad(net)
-        pruner = Pruner(net, job.prune, importance, total_steps=job.train.steps)
+        pruner = make_pruner(net, job.prune, importance, total_steps=job.train.steps)
     else:
         from .importance import make_importance
 
@@ -136,7 +136,7 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
         if getattr(importance, "needs_data", True):
             for b in range(job.calib_batches):
                 importance.update(net, batch_at(train_tokens, job.train.batch_size, job.train.seed + 1, b).to(next(net.parameters()).device))
-        pruner = Pruner(net, job.prune, importance, total_steps=1)
+        pruner = make_pruner(net, job.prune, importance, total_steps=1)
         pruner.finalize()
         importance.remove()
         importance = None
@@ -154,17 +154,22 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     pruner.remove_gates()
 
     staging = work / "adapters"
+    weight_level = job.prune.weight_level
     if use_lora:
         save_adapters(net, staging)
-        model = merge_keep_masks(net, masks)
-    shrink_info = shrink_(model, masks)
+        model = merge_keep_masks(net, None if weight_level else masks, weight_masks=masks.as_dict() if weight_level else None)
+    elif weight_level:
+        _zero_masked_weights(model, masks)
+    # unstructured / N:M keep their shapes (zeros stored densely); structured units are sliced out
+    shrink_info = {} if weight_level else shrink_(model, masks)
     model.eval()
     after = _evaluate(model, test_tokens, job, "pruned", progress) if job.evaluate else None
     report = {
         "command": job.command or "slimtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "job": _jsonable(job),
         "sparsity": info,
-        "per_layer": masks.per_layer(),
+        "per_layer": [] if weight_level else masks.per_layer(),
+        "per_module": masks.per_module() if weight_level else [],
         "shrink": shrink_info,
         "before": before,
         "after": after,
@@ -191,6 +196,13 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
 
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+@torch.no_grad()
+def _zero_masked_weights(model, masks) -> None:
+    for (layer, path), keep in masks.as_dict().items():
+        module = masks.spec.decoder_layers(model)[layer].get_submodule(path)
+        module.weight.masked_fill_(~keep.to(module.weight.device), 0)
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ def render_markdown(report: dict) -> str:
         f"Command: `{report['command']}`",
         "",
         f"- model: `{job['model']}`, data: `{job['data']}`, criterion: **{job['criterion']}**",
-        f"- granularity: {job['prune']['granularity']} (head mode {job['prune']['head_mode']}, {job['prune']['ranking']} ranking)",
+        f"- granularity: {job['prune']['granularity']}"
+        + (f" {job['prune']['nm']}" if job["prune"]["granularity"] == "nm" else f" (head mode {job['prune']['head_mode']}, {job['prune']['ranking']} ranking)"),
         f"- target sparsity {sp['target']:.3f} of decoder parameters; achieved **{sp['achieved']:.4f}** "
         f"({sp['decoder_params_before']:,} -> {sp['decoder_params_after']:,})",
         f"- steps: {len(report['history'])}; importance updates skipped (non-finite): {report['importance_skipped_updates']}",
@@ -31,13 +32,21 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- reloaded with `AutoModelForCausalLM.from_pretrained`: max |logit diff| = {report['reload_max_abs_diff']:.2e}")
     if report.get("before") and report.get("after"):
         lines += ["", "## Before and after", "", markdown_table({"dense": report["before"], "pruned": report["after"]})]
-    lines += ["", "## Kept units per layer", "", "| layer | heads | KV heads | MLP channels |", "|---|---|---|---|"]
+    if report.get("per_module"):
+        lines += ["", "## Pruned weights per module", "", "| layer | module | pruned | total |", "|---|---|---:|---:|"]
+        lines += [f"| {r['layer']} | {r['path']} | {r['pruned']:,} | {r['total']:,} |" for r in report["per_module"]]
+    if report["per_layer"]:
+        lines += ["", "## Kept units per layer", "", "| layer | heads | KV heads | MLP channels |", "|---|---|---|---|"]
     for row in report["per_layer"]:
         if row["removed"]:
             lines.append(f"| {row['layer']} | removed | removed | removed |")
         else:
             lines.append(f"| {row['layer']} | {row['heads_kept']}/{row['heads_total']} | {row['kv_heads_kept']} | {row['channels_kept']}/{row['channels_total']} |")
-    lines += ["", "![loss and sparsity](curves.png)", "", "![kept units](kept_units.png)", ""]
+    if report["history"]:
+        lines += ["", "![loss and sparsity](curves.png)"]
+    if report["per_layer"]:
+        lines += ["", "![kept units](kept_units.png)"]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -47,4 +56,5 @@ def write_report(directory: Path, report: dict) -> None:
     atomic_write_text(directory / "report.md", render_markdown(report))
     if report["history"]:
         plot_curves(report["history"], directory / "curves.png")
-    plot_kept_units(report["per_layer"], directory / "kept_units.png")
+    if report["per_layer"]:
+        plot_kept_units(report["per_layer"], directory / "kept_units.png")

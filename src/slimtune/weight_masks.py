@@ -1,0 +1,360 @@
+"""Element-level masks: unstructured and N:M sparsity of the decoder projections.
+
+One bool mask per (decoder layer, projection path), True = kept. While the masks are attached,
+every masked projection computes its output from the MERGED weight, masked:
+
+    LoRA layer     y = x @ ((W0 + s·B·A) ⊙ M)ᵀ + b
+    plain Linear   y = x @ (W ⊙ M)ᵀ + b
+
+LoRAPrune masks the merged weight, not only W0 (METHODS.md §2): masking W0 alone would let B·A
+grow back into the pruned positions during training, and merging would then change the model.
+With the merged weight masked, training sees the same function `merge_keep_masks` produces.
+
+Selection (masks only grow: pruned weights sort first, so they stay pruned):
+- `select_unstructured`: the int(numel·p) lowest scores of each projection (Wanda's `per_row`:
+  int(in·p) per output row, arXiv 2306.11695, METHODS.md §9). A strict top-k, ties by index, so
+  it never overshoots the target the way a `≤ threshold` cut does.
+- `select_nm`: n kept in every block of m consecutive inputs of every row (2:4 = NVIDIA's sparse
+  tensor cores' pattern: 2 non-zeros in every 4).
+`module_fraction_for` turns a fraction of decoder-layer parameters into the per-module p.
+
+Caveats of the masked forward:
+- LoRA dropout is NOT applied: the merged weight has no separate LoRA branch to drop out on.
+- Each forward and backward builds one weight-sized merged tensor per projection (transient: the
+  backward recomputes it rather than saving it, so activation memory stays at LoRA level).
+- Plain LoRA, rsLoRA and PiSSA (one active adapter) are supported; DoRA and other PEFT variants,
+  fan_in_fan_out layers and mixed-adapter batches are refused.
+- The forward is swapped on the module instance: call `remove()` on the handles before
+  `copy.deepcopy` or pickling the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SlimtuneError
+from .importance.base import ElementScores, base_weight
+from .models.arch import ArchSpec, get_arch
+
+Key = tuple[int, str]  # (decoder layer index, projection path such as "self_attn.q_proj")
+
+
+def _buffer_name(key: Key) -> str:
+    i, path = key
+    return f"m_{i}_{path.replace('.', '__')}"
+
+
+def _layer_params(layer: nn.Module) -> int:
+    """Parameters of one decoder layer, adapters left out (as export.shrink counts them)."""
+    return sum(p.numel() for name, p in layer.named_parameters() if "lora_" not in name)
+
+
+class WeightMasks(nn.Module):
+    """One bool [out, in] mask (True = kept) per projection of every non-excluded decoder layer.
+
+    The masks are buffers named `m_{layer}_{path with '.' -> '__'}`, so they move with `.to()`
+    and checkpoint with `state_dict()`.
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec | None = None, excluded: set[int] | frozenset[int] = frozenset()):
+        super().__init__()
+        self.spec = spec or get_arch(model)
+        layers = self.spec.decoder_layers(model)
+        bad = sorted(i for i in excluded if not 0 <= i < len(layers))
+        if bad:
+            raise SlimtuneError(f"excluded layers {bad} out of range; the model has layers 0..{len(layers) - 1}")
+        self.excluded = frozenset(excluded)
+        self.num_layers = len(layers)
+        self._keys: list[Key] = []
+        for i, layer in enumerate(layers):
+            if i in self.excluded:
+                continue
+            for path in self.spec.projections():
+                w = base_weight(layer.get_submodule(path))
+                self.register_buffer(_buffer_name((i, path)), torch.ones(w.shape, dtype=torch.bool, device=w.device))
+                self._keys.append((i, path))
+
+    def keys(self) -> list[Key]:
+        return list(self._keys)
+
+    def mask(self, layer: int, path: str) -> torch.Tensor:
+        return getattr(self, _buffer_name((layer, path)))
+
+    def set_mask(self, layer: int, path: str, keep: torch.Tensor) -> None:
+        buf = self.mask(layer, path)
+        buf.copy_(keep.to(device=buf.device, dtype=torch.bool).reshape(buf.shape))
+
+    def as_dict(self) -> dict[Key, torch.Tensor]:
+        """{(layer, path): bool [out, in]}, the buffers themselves: what `merge_keep_masks` takes."""
+        return {key: self.mask(*key) for key in self._keys}
+
+    def pruned(self) -> int:
+        return sum(int((~self.mask(*key)).sum()) for key in self._keys)
+
+    def sparsity_of_decoder(self, model: nn.Module) -> float:
+        """Pruned weights / all decoder-layer parameters (norms, biases, excluded layers count dense)."""
+        total = sum(_layer_params(layer) for layer in self.spec.decoder_layers(model))
+        return self.pruned() / max(total, 1)
+
+    def per_module(self) -> list[dict]:
+        """[{"layer", "path", "pruned", "total"}], for reports."""
+        return [
+            {"layer": i, "path": path, "pruned": int((~self.mask(i, path)).sum()), "total": self.mask(i, path).numel()}
+            for i, path in self._keys
+        ]
+
+    def is_subset_of(self, other: WeightMasks) -> bool:
+        """True when every weight pruned in `other` is pruned here too (masks only grow)."""
+        if self._keys != other._keys:
+            return False
+        for key in self._keys:
+            a, b = self.mask(*key), other.mask(*key).to(self.mask(*key).device)
+            if a.shape != b.shape or bool((a & ~b).any()):
+                return False
+        return True
+
+
+# ---- the masked forward ---------------------------------------------------------------------------
+def _masked_weight(w0, a, b, keep, s, dtype) -> torch.Tensor:
+    """(W0 + s·B·A) ⊙ M in `dtype`; masked_fill, not multiply: 0·inf would be nan."""
+    if a is None:
+        return w0.to(dtype).masked_fill(~keep, 0.0)
+    w = torch.addmm(w0.to(dtype), b.to(dtype), a.to(dtype), alpha=s)  # a new tensor: safe to fill in place
+    return w.masked_fill_(~keep, 0.0)
+
+
+class _MaskedLinear(torch.autograd.Function):
+    """y = x @ ((W0 + s·B·A) ⊙ M)ᵀ + b. The backward recomputes the masked weight instead of saving
+    it: autograd would keep one merged weight per projection alive until backward, a full model copy."""
+
+    @staticmethod
+    def forward(ctx, x, w0, bias, a, b, keep, s, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            w = _masked_weight(w0, a, b, keep, s, dtype)
+            y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, w0, bias, a, b, keep)
+        ctx.s, ctx.dtype = s, dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w0, bias, a, b, keep = ctx.saved_tensors
+        s, dtype = ctx.s, ctx.dtype
+        need_x, need_w0, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        gx = gw0 = gbias = ga = gb = None
+        with torch.autocast(gy.device.type, enabled=False):
+            gy = gy.to(dtype)
+            if need_x:
+                gx = (gy @ _masked_weight(w0, a, b, keep, s, dtype)).to(x.dtype)
+            g2 = gy.reshape(-1, gy.shape[-1])  # [tokens, out]
+            if need_w0 or need_a or need_b:
+                gw = (g2.T @ x.reshape(-1, x.shape[-1]).to(dtype)).masked_fill_(~keep, 0.0)  # dL/dW ⊙ M [out, in]
+                if need_w0:
+                    gw0 = gw.to(w0.dtype)
+                if need_a:
+                    ga = (b.to(dtype).T @ gw).mul_(s).to(a.dtype)  # [r, in]
+                if need_b:
+                    gb = (gw @ a.to(dtype).T).mul_(s).to(b.dtype)  # [out, r]
+            if need_bias:
+                gbias = g2.sum(dim=0).to(bias.dtype)
+        return gx, gw0, gbias, ga, gb, None, None, None
+
+
+def masked_linear(x, weight, bias, keep, lora_a=None, lora_b=None, scaling: float = 0.0) -> torch.Tensor:
+    """y = x @ ((W + s·B·A) ⊙ M)ᵀ + b (no B·A term when lora_a is None), under autocast as F.linear."""
+    dev = weight.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    if keep.device != weight.device:
+        keep = keep.to(weight.device)
+    return _MaskedLinear.apply(x, weight, bias, lora_a, lora_b, keep, float(scaling), dtype)
+
+
+def _lora_forward(module: nn.Module, masks: WeightMasks, name: str):
+    def forward(x, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:
+            raise SlimtuneError("weight masks do not support mixed-adapter batches (adapter_names); call the model without them")
+        if module.disable_adapters and module.merged:
+            module.unmerge()  # what PEFT's own forward does
+        base = module.get_base_layer()
+        keep = getattr(masks, name)
+        if module.disable_adapters or module.merged:  # merged: W0 already holds s·B·A
+            return masked_linear(x, base.weight, base.bias, keep)
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if len(active) > 1:
+            raise SlimtuneError(f"weight masks support one active adapter, found {', '.join(active)}; set a single adapter with set_adapter")
+        if not active:
+            return masked_linear(x, base.weight, base.bias, keep)
+        ad = active[0]
+        s = module.scaling[ad]
+        lora_b = module.lora_B[ad]
+        y = masked_linear(x, base.weight, base.bias, keep, module.lora_A[ad].weight, lora_b.weight, s)
+        if lora_b.bias is not None:  # PEFT's lora_bias: merged into the (unmasked) bias
+            y = y + (lora_b.bias * s).to(y.dtype)
+        return y
+
+    return forward
+
+
+def _linear_forward(module: nn.Linear, masks: WeightMasks, name: str):
+    def forward(x, *args, **kwargs):
+        return masked_linear(x, module.weight, module.bias, getattr(masks, name))
+
+    return forward
+
+
+class WeightMaskHandles:
+    def __init__(self, patched: list[tuple[nn.Module, bool, object, object]]):
+        self._patched = patched  # (module, had an instance forward, that forward, ours)
+
+    def remove(self) -> None:
+        """Give every masked projection its own forward back."""
+        for module, had, original, ours in self._patched:
+            if module.__dict__.get("forward") is not ours:
+                raise RuntimeError("another wrapper replaced the forward of a masked projection after the masks; remove it first")
+            if had:
+                module.forward = original
+            else:
+                del module.forward
+        self._patched = []
+
+
+def attach_weight_masks(model: nn.Module, masks: WeightMasks) -> WeightMaskHandles:
+    """Make every masked projection of `model` compute with its masked (merged) weight; see the
+    module docstring for the formula and caveats. Returns handles whose `remove()` undoes it."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = masks.spec.decoder_layers(model)
+    patched = []
+    try:
+        for i, path in masks.keys():
+            module = layers[i].get_submodule(path)
+            name = _buffer_name((i, path))
+            if getattr(module.__dict__.get("forward"), "_slimtune_weight_mask", False):
+                raise SlimtuneError("weight masks are already attached to this model; call remove() on the first handles")
+            if isinstance(module, LoraLayer):
+                if type(module.get_base_layer()) is not nn.Linear or getattr(module, "fan_in_fan_out", False):
+                    raise SlimtuneError(f"weight masks need an nn.Linear base under layer {i} {path}; quantised or Conv1D bases are not supported")
+                variants = sorted({type(v).__name__ for v in module.lora_variant.values()})
+                if variants:
+                    raise SlimtuneError(f"weight masks do not support the LoRA variant {', '.join(variants)}; use lora, rslora or pissa")
+                forward = _lora_forward(module, masks, name)
+            elif type(module) is nn.Linear:
+                forward = _linear_forward(module, masks, name)
+            else:
+                raise SlimtuneError(f"layer {i} {path} is a {type(module).__name__}, not a Linear; weight masks cannot wrap it")
+            w = base_weight(module)
+            if getattr(masks, name).device != w.device:  # once here, not on every forward
+                setattr(masks, name, getattr(masks, name).to(w.device))
+            forward._slimtune_weight_mask = True
+            had = "forward" in module.__dict__
+            patched.append((module, had, module.__dict__.get("forward"), forward))
+            module.forward = forward
+    except Exception:
+        WeightMaskHandles(patched).remove()
+        raise
+    return WeightMaskHandles(patched)
+
+
+# ---- selection ------------------------------------------------------------------------------------
+def parse_nm(text: str) -> tuple[int, int]:
+    """Parse "n:m" (e.g. "2:4") into (n, m): keep n weights in every block of m."""
+    parts = str(text).strip().split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise SlimtuneError(f"N:M pattern '{text}' is malformed; write n:m with whole numbers, e.g. 2:4")
+    n, m = int(parts[0]), int(parts[1])
+    _check_nm(n, m)
+    return n, m
+
+
+def _check_nm(n: int, m: int) -> None:
+    if not 0 < n < m:
+        raise SlimtuneError(f"N:M pattern {n}:{m} is invalid; it needs 0 < n < m, e.g. 2:4 (keep 2 of every 4)")
+
+
+def module_fraction_for(model: nn.Module, spec: ArchSpec | None = None, excluded=frozenset(), sparsity: float = 0.0) -> float:
+    """The fraction p of every masked projection to prune so that the pruned weights make
+    `sparsity` of all decoder-layer parameters: p = sparsity · decoder_params / prunable_params."""
+    if not 0.0 <= sparsity < 1.0:
+        raise SlimtuneError(f"sparsity {sparsity} is outside [0, 1); pass a fraction such as 0.5")
+    spec = spec or get_arch(model)
+    layers = spec.decoder_layers(model)
+    total = sum(_layer_params(layer) for layer in layers)
+    prunable = sum(
+        base_weight(layer.get_submodule(path)).numel()
+        for i, layer in enumerate(layers) if i not in excluded
+        for path in spec.projections()
+    )
+    p = sparsity * total / max(prunable, 1)
+    if p >= 1.0:
+        raise SlimtuneError(
+            f"sparsity {sparsity} needs {p:.3f} of every prunable weight (norms, biases and excluded layers stay dense); lower --sparsity or exclude fewer layers"
+        )
+    return p
+
+
+def _flat_scores(scores) -> dict[Key, torch.Tensor]:
+    if not scores:
+        raise SlimtuneError("no element scores to select from; run the criterion on calibration data first (keep_elements=True for LoRAPrune)")
+    if isinstance(next(iter(scores)), int):  # ElementScores: {layer: {path: tensor}}
+        return {(i, path): t for i, per in scores.items() for path, t in per.items()}
+    return dict(scores)
+
+
+def _scores_for(masks: WeightMasks, flat: dict[Key, torch.Tensor], key: Key) -> torch.Tensor:
+    """fp32 (or wider) scores on the mask's device, with pruned weights at -inf so they go first."""
+    keep = masks.mask(*key)
+    s = flat.get(key)
+    if s is None:
+        raise SlimtuneError(f"no scores for layer {key[0]} {key[1]}; score every masked projection (LoRA on all seven) or exclude that layer")
+    if tuple(s.shape) != tuple(keep.shape):
+        raise SlimtuneError(f"scores for layer {key[0]} {key[1]} have shape {tuple(s.shape)}, its weight {tuple(keep.shape)}; score the model being pruned")
+    s = s.detach().to(device=keep.device, dtype=torch.promote_types(s.dtype, torch.float32))
+    if bool(torch.isnan(s).any()):
+        raise SlimtuneError(f"scores for layer {key[0]} {key[1]} contain NaN; check the calibration loss for divergence")
+    return s.masked_fill(~keep, -torch.inf)
+
+
+@torch.no_grad()
+def select_unstructured(masks: WeightMasks, scores: dict[Key, torch.Tensor] | ElementScores, sparsity_in_module: float, per_row: bool = False) -> dict:
+    """Prune the int(numel·p) lowest-scoring weights of every masked projection (per_row: int(in·p)
+    in every output row); ties go to the lower index. Returns {"pruned", "masked"} weight counts."""
+    p = sparsity_in_module
+    if not 0.0 <= p < 1.0:
+        raise SlimtuneError(f"module sparsity {p} is outside [0, 1); pass a fraction such as 0.5")
+    flat = _flat_scores(scores)
+    for key in masks.keys():
+        keep = masks.mask(*key)
+        s = _scores_for(masks, flat, key)  # [out, in]
+        if per_row:
+            k = int(s.shape[1] * p)
+            order = torch.sort(s, dim=1, stable=True).indices[:, :k]  # [out, k]
+            new = keep.clone()
+            new.scatter_(1, order, False)
+        else:
+            k = int(s.numel() * p)
+            order = torch.sort(s.flatten(), stable=True).indices[:k]
+            new = keep.clone().flatten()
+            new[order] = False
+        masks.set_mask(*key, new.view_as(keep) & keep)  # & keep: more already pruned than k stay pruned
+    return {"pruned": masks.pruned(), "masked": sum(masks.mask(*k).numel() for k in masks.keys())}
+
+
+@torch.no_grad()
+def select_nm(masks: WeightMasks, scores: dict[Key, torch.Tensor] | ElementScores, n: int, m: int) -> dict:
+    """Keep the n highest-scoring weights in every block of m consecutive inputs of every row.
+    Blocks that already keep fewer than n stay as they are. Returns {"pruned", "masked"}."""
+    _check_nm(n, m)
+    flat = _flat_scores(scores)
+    for key in masks.keys():
+        keep = masks.mask(*key)
+        out_f, in_f = keep.shape
+        if in_f % m:
+            raise SlimtuneError(f"layer {key[0]} {key[1]} has {in_f} inputs, not a multiple of m={m}; pick an m that divides {in_f} (2:4 needs a multiple of 4) or exclude that layer")
+        s = _scores_for(masks, flat, key).view(out_f, in_f // m, m)  # [out, blocks, m]
+        drop = torch.sort(s, dim=2, stable=True).indices[:, :, : m - n]  # pruned ones (-inf) go first
+        new = keep.clone().view(out_f, in_f // m, m)
+        new.scatter_(2, drop, False)
+        masks.set_mask(*key, new.view_as(keep) & keep)
+    return {"pruned": masks.pruned(), "masked": sum(masks.mask(*k).numel() for k in masks.keys())}

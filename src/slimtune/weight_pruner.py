@@ -1,0 +1,105 @@
+"""Unstructured and N:M pruning with the same interface as the structured `Pruner`.
+
+The masks act on the *merged* weight W0 + s·BA (see weight_masks.py), as LoRAPrune requires, so
+merging the adapters keeps every pruned weight exactly zero. Unstructured masks ramp with the
+schedule; an N:M pattern cannot ramp, so it is applied once the ramp ends (and at `finalize`),
+and the cool-down steps fine-tune with it in place. The saved model keeps its shapes: zeros are
+stored densely (use a sparse kernel or format downstream to turn them into speed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import SlimtuneError
+from .schedules import Schedule
+from .selection import default_excluded_layers
+from .weight_masks import (
+    WeightMasks,
+    attach_weight_masks,
+    module_fraction_for,
+    parse_nm,
+    select_nm,
+    select_unstructured,
+)
+
+
+def _prunable_share(model, spec, excluded) -> float:
+    """Masked projection weights / all decoder-layer parameters."""
+    layers = spec.decoder_layers(model)
+    total = sum(p.numel() for n, p in layers.named_parameters() if "lora_" not in n)
+    masked = sum(
+        (m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight.numel()
+        for i, layer in enumerate(layers) if i not in excluded
+        for m in (layer.get_submodule(path) for path in spec.projections())
+    )
+    return masked / total
+
+
+class WeightPruner(nn.Module):
+    def __init__(self, model: nn.Module, settings, importance, total_steps: int = 1):
+        super().__init__()
+        from .models.arch import get_arch
+
+        self.settings = settings
+        self.importance = importance
+        spec = get_arch(model)
+        n = len(spec.decoder_layers(model))
+        self.excluded = default_excluded_layers(n) if settings.exclude_layers is None else set(settings.exclude_layers)
+        self.masks = WeightMasks(model, spec, excluded=self.excluded)
+        self._model = [model]
+        self.nm = parse_nm(settings.nm) if settings.granularity == "nm" else None
+        self.target = settings.sparsity
+        if self.nm is not None:
+            # N:M fixes the fraction of every masked module; express it as a decoder-level target
+            self.target = (1 - self.nm[0] / self.nm[1]) * _prunable_share(model, spec, self.excluded)
+        elif settings.ranking != "local":
+            raise SlimtuneError("unstructured pruning ranks within each module; use --ranking local")
+        self.schedule = Schedule(min(self.target, 0.999), max(total_steps, 1), settings.schedule, 0.0, settings.warmup, settings.cooldown)
+        self.register_buffer("current", torch.zeros(()))
+        self.gates = attach_weight_masks(model, self.masks)
+        self.last_info: dict = {}
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model[0]
+
+    def _scores(self):
+        scores = self.importance.element_scores()
+        if not scores:
+            raise SlimtuneError(f"criterion '{getattr(self.importance, 'name', '?')}' gives no per-weight scores, so it cannot drive unstructured or N:M pruning; use loraprune, taylor or magnitude")
+        return scores
+
+    def prune_to(self, sparsity: float) -> dict:
+        if self.nm is not None:
+            select_nm(self.masks, self._scores(), *self.nm)
+        else:
+            p = module_fraction_for(self.model, self.masks.spec, self.excluded, sparsity)
+            select_unstructured(self.masks, self._scores(), p)
+        self.current.fill_(sparsity)
+        achieved = self.masks.sparsity_of_decoder(self.model)
+        layers = self.masks.spec.decoder_layers(self.model)
+        before = sum(p.numel() for n, p in layers.named_parameters() if "lora_" not in n)
+        self.last_info = {"target": self.target, "achieved": achieved, "pattern": self.settings.nm if self.nm else "unstructured",
+                          "decoder_params_before": before, "decoder_params_after": before - self.masks.pruned()}
+        return self.last_info
+
+    def step(self, t: int) -> dict | None:
+        if self.nm is not None:
+            if t >= self.schedule.end and float(self.current) == 0:
+                return self.prune_to(self.target)
+            return None
+        target = self.schedule(t)
+        due = t % self.settings.prune_every == 0 or t >= self.schedule.end
+        if due and target > float(self.current) + 1e-9:
+            return self.prune_to(target)
+        return None
+
+    def finalize(self) -> dict:
+        if float(self.current) < self.target - 1e-9 or not self.last_info:
+            return self.prune_to(self.target)
+        return self.last_info
+
+    def remove_gates(self) -> None:
+        self.gates.remove()

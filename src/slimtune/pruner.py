@@ -72,26 +72,56 @@ def make_pruner(model: nn.Module, settings: PruneSettings, importance, total_ste
     return Pruner(model, settings, importance, total_steps)
 
 
-class Pruner(nn.Module):
-    def __init__(self, model: nn.Module, settings: PruneSettings, importance, total_steps: int = 1):
+class ScheduledPruner(nn.Module):
+    """Schedule bookkeeping shared by the structured and the weight-level pruner.
+
+    Subclasses set `masks` and `gates` and implement `prune_to(sparsity) -> info`.
+    """
+
+    def __init__(self, model: nn.Module, settings: PruneSettings, importance, target: float, total_steps: int):
         super().__init__()
         self.settings = settings
         self.importance = importance
-        self.masks = StructuredMasks(model)
+        self.target = target
         self._model = [model]  # not a submodule: keep it out of state_dict
-        n = len(self.masks)
-        self.excluded = default_excluded_layers(n) if settings.exclude_layers is None else set(settings.exclude_layers)
-        bad = [i for i in self.excluded if not 0 <= i < n]
-        if bad:
-            raise SlimtuneError(f"--exclude-layers {bad} out of range; the model has layers 0..{n - 1}")
-        self.schedule = Schedule(settings.sparsity, max(total_steps, 1), settings.schedule, 0.0, settings.warmup, settings.cooldown)
+        self.schedule = Schedule(target, max(total_steps, 1), settings.schedule, 0.0, settings.warmup, settings.cooldown)
         self.register_buffer("current", torch.zeros(()))
-        self.gates = attach_gates(model, self.masks)
         self.last_info: dict = {}
 
     @property
     def model(self) -> nn.Module:
         return self._model[0]
+
+    def prune_to(self, sparsity: float) -> dict:
+        raise NotImplementedError
+
+    def step(self, t: int) -> dict | None:
+        """Call after optimiser step t (1-based). Returns selection info when masks changed."""
+        target = self.schedule(t)
+        due = t % self.settings.prune_every == 0 or t >= self.schedule.end
+        if due and target > float(self.current) + 1e-9:
+            return self.prune_to(target)
+        return None
+
+    def finalize(self) -> dict:
+        if float(self.current) < self.target - 1e-9 or not self.last_info:
+            return self.prune_to(self.target)
+        return self.last_info
+
+    def remove_gates(self) -> None:
+        self.gates.remove()
+
+
+class Pruner(ScheduledPruner):
+    def __init__(self, model: nn.Module, settings: PruneSettings, importance, total_steps: int = 1):
+        super().__init__(model, settings, importance, settings.sparsity, total_steps)
+        self.masks = StructuredMasks(model)
+        n = len(self.masks)
+        self.excluded = default_excluded_layers(n) if settings.exclude_layers is None else set(settings.exclude_layers)
+        bad = [i for i in self.excluded if not 0 <= i < n]
+        if bad:
+            raise SlimtuneError(f"--exclude-layers {bad} out of range; the model has layers 0..{n - 1}")
+        self.gates = attach_gates(model, self.masks)
 
     def prune_to(self, sparsity: float) -> dict:
         scores = scores_from(self.importance, self.masks, self.settings.normalise)
@@ -103,19 +133,3 @@ class Pruner(nn.Module):
         self.current.fill_(sparsity)
         self.last_info = info
         return info
-
-    def step(self, t: int) -> dict | None:
-        """Call after optimiser step t (1-based). Returns selection info when masks changed."""
-        target = self.schedule(t)
-        due = t % self.settings.prune_every == 0 or t >= self.schedule.end
-        if due and target > float(self.current) + 1e-9:
-            return self.prune_to(target)
-        return None
-
-    def finalize(self) -> dict:
-        if float(self.current) < self.settings.sparsity - 1e-9 or not self.last_info:
-            return self.prune_to(self.settings.sparsity)
-        return self.last_info
-
-    def remove_gates(self) -> None:
-        self.gates.remove()

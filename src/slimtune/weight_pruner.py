@@ -9,11 +9,10 @@ stored densely (use a sparse kernel or format downstream to turn them into speed
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .errors import SlimtuneError
-from .schedules import Schedule
+from .pruner import ScheduledPruner
 from .selection import default_excluded_layers
 from .weight_masks import (
     WeightMasks,
@@ -37,33 +36,25 @@ def _prunable_share(model, spec, excluded) -> float:
     return masked / total
 
 
-class WeightPruner(nn.Module):
+class WeightPruner(ScheduledPruner):
     def __init__(self, model: nn.Module, settings, importance, total_steps: int = 1):
-        super().__init__()
         from .models.arch import get_arch
 
-        self.settings = settings
-        self.importance = importance
         spec = get_arch(model)
         n = len(spec.decoder_layers(model))
-        self.excluded = default_excluded_layers(n) if settings.exclude_layers is None else set(settings.exclude_layers)
-        self.masks = WeightMasks(model, spec, excluded=self.excluded)
-        self._model = [model]
-        self.nm = parse_nm(settings.nm) if settings.granularity == "nm" else None
-        self.target = settings.sparsity
-        if self.nm is not None:
+        excluded = default_excluded_layers(n) if settings.exclude_layers is None else set(settings.exclude_layers)
+        nm = parse_nm(settings.nm) if settings.granularity == "nm" else None
+        if nm is not None:
             # N:M fixes the fraction of every masked module; express it as a decoder-level target
-            self.target = (1 - self.nm[0] / self.nm[1]) * _prunable_share(model, spec, self.excluded)
+            target = min((1 - nm[0] / nm[1]) * _prunable_share(model, spec, excluded), 0.999)
         elif settings.ranking != "local":
             raise SlimtuneError("unstructured pruning ranks within each module; use --ranking local")
-        self.schedule = Schedule(min(self.target, 0.999), max(total_steps, 1), settings.schedule, 0.0, settings.warmup, settings.cooldown)
-        self.register_buffer("current", torch.zeros(()))
+        else:
+            target = settings.sparsity
+        super().__init__(model, settings, importance, target, total_steps)
+        self.excluded, self.nm = excluded, nm
+        self.masks = WeightMasks(model, spec, excluded=excluded)
         self.gates = attach_weight_masks(model, self.masks)
-        self.last_info: dict = {}
-
-    @property
-    def model(self) -> nn.Module:
-        return self._model[0]
 
     def _scores(self):
         scores = self.importance.element_scores()
@@ -86,20 +77,8 @@ class WeightPruner(nn.Module):
         return self.last_info
 
     def step(self, t: int) -> dict | None:
-        if self.nm is not None:
-            if t >= self.schedule.end and float(self.current) == 0:
-                return self.prune_to(self.target)
-            return None
-        target = self.schedule(t)
-        due = t % self.settings.prune_every == 0 or t >= self.schedule.end
-        if due and target > float(self.current) + 1e-9:
-            return self.prune_to(target)
-        return None
-
-    def finalize(self) -> dict:
-        if float(self.current) < self.target - 1e-9 or not self.last_info:
+        if self.nm is None:
+            return super().step(t)
+        if t >= self.schedule.end and float(self.current) == 0:  # an N:M pattern cannot ramp
             return self.prune_to(self.target)
-        return self.last_info
-
-    def remove_gates(self) -> None:
-        self.gates.remove()
+        return None

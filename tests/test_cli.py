@@ -141,3 +141,38 @@ def test_weight_level_pruning_end_to_end(tmp_path, tiny_dir, text_file, capsys, 
     assert zeros / total == pytest.approx(report["sparsity"]["achieved"], abs=1e-3)
     if gran == "unstructured":
         assert report["sparsity"]["achieved"] == pytest.approx(0.4, abs=0.01)
+
+
+def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from slimtune.train import Trainer
+
+    common = ["prune", "--model", tiny_dir, "--data", text_file, "--sparsity", "0.4", "--steps", "6", "--batch-size", "2",
+              "--checkpoint-every", "2", "--prune-every", "1", "--no-eval", *FAST]
+    code, _, err = _run(capsys, *common, "--out", tmp_path / "full")
+    assert code == 0, err
+
+    real_step = Trainer.train_step
+    calls = {"n": 0}
+
+    def dying_step(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    code, _, err = _run(capsys, *common, "--out", tmp_path / "resumed")
+    assert code == 130 and "--resume" in err
+    assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.work" / "checkpoint.pt").is_file()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    code, _, err = _run(capsys, *common, "--out", tmp_path / "resumed", "--resume")
+    assert code == 0, err
+    full = load_file(tmp_path / "full" / "pruning_masks.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "pruning_masks.safetensors")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    a = json.loads((tmp_path / "full" / "report.json").read_text())["history"]
+    b = json.loads((tmp_path / "resumed" / "report.json").read_text())["history"]
+    assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], rel=1e-5)

@@ -117,6 +117,7 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     test_tokens = load_tokens(job.data, tokenizer, "test", job.seq_len, max_sequences=job.eval_windows)
     before = _evaluate(model, test_tokens, job, "dense", progress) if job.evaluate and job.evaluate_dense else None
 
+    torch.manual_seed(job.train.seed)  # LoRA init, dropout: a rerun (or --resume) with the same seed is identical
     progressive = job.criterion in PROGRESSIVE
     recover = job.train.steps if job.recover_steps is None else job.recover_steps
     use_lora = progressive or recover > 0

@@ -1,0 +1,182 @@
+"""Rewrite the "Measured results" section of README.md from benchmarks/results/*.json.
+
+    python benchmarks/make_tables.py
+
+Every number in that section comes from a JSON written by a benchmark script; this only formats.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _machine(d: dict) -> str:
+    m = d["machine"]
+    return f"{m.get('cpu_count')}-core {m.get('processor', '')} CPU, torch {m.get('torch')}, {m.get('torch_threads')} threads; {d['date'][:10]}"
+
+
+def _f(x, fmt="{:.2f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def dense_section() -> list[str]:
+    d = _load("dense_eval")
+    if not d:
+        return []
+    return [
+        "### Dense baseline",
+        "",
+        f"`{d['command']}` ({_machine(d)})",
+        "",
+        "| model | test perplexity | params (decoder / total) | size | prefill 1x256 (median) | decode | peak memory of the perplexity pass |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| SmolLM2-135M-Instruct (fp32) | {d['perplexity']:.2f} | {d['params_decoder'] / 1e6:.1f}M / {d['params_total'] / 1e6:.1f}M | "
+        f"{d['size_mb']:.0f} MB | {d['prefill_ms']:.0f} ms | {d['decode_tok_s']:.1f} tok/s | {d['peak_memory_mb']:.0f} MB |",
+        "",
+    ]
+
+
+def oneshot_section() -> list[str]:
+    d = _load("oneshot_criteria")
+    if not d:
+        return []
+    dense = d["dense"]
+    out = [
+        "### One-shot criteria (no recovery fine-tuning)",
+        "",
+        f"`{d['command']}` ({_machine(d)}). Heads (KV groups) + channels with local ranking, or whole layers for "
+        f"Block Influence; the first 3 and the last layer are kept. Dense: perplexity {dense['perplexity']:.2f}, "
+        f"prefill 1x512 {dense['prefill_ms']:.0f} ms, decode {dense['decode_tok_s']:.1f} tok/s. Latency is the median of 5.",
+        "",
+        "| criterion | target | achieved | test ppl | params | prefill 1x512 | vs dense | decode tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["results"]:
+        if "error" in r:
+            out.append(f"| {r['criterion']} | {r['sparsity']} | failed: {r['error']} | | | | | |")
+            continue
+        out.append(
+            f"| {r['criterion']} ({r['granularity']}) | {r['sparsity']:.0%} | {r['achieved']:.3f} | {r['perplexity']:.1f} | "
+            f"{r['params_total'] / 1e6:.1f}M | {r['prefill_ms_median']:.0f} ms | {r['prefill_vs_dense']:.2f}x | {r['decode_tok_s_median']:.1f} |"
+        )
+    out.append("")
+    return out
+
+
+def taylor_memory_section() -> list[str]:
+    d = _load("taylor_memory")
+    if not d:
+        return []
+    out = ["### Full-gradient Taylor: gradient hooks vs plain backward", "", f"`{d['command']}` ({_machine(d)}). "
+           "Peak RSS added by one Taylor update (steady state, 2nd update), fresh process per sample, median of 3.", "",
+           "| setting | with hooks | plain backward | plain / hooks |", "|---|---:|---:|---:|"]
+    for key, r in d["results"].items():
+        h, p = r["hooks"]["median"]["update2_peak_delta_mb"], r["plain"]["median"]["update2_peak_delta_mb"]
+        out.append(f"| {key} | {h:.0f} MB | {p:.0f} MB | {p / h:.2f} |")
+    out.append("")
+    return out
+
+
+def quality_section() -> list[str]:
+    d = _load("loraprune_quality")
+    if not d:
+        return []
+    s = d["setup"]
+    out = [
+        "### LoRAPrune vs alternatives at the same fine-tuning budget",
+        "",
+        f"`{d['command']}` ({_machine(d)}). {s['steps']} optimiser steps of {s['batch_size']} x {s['seq_len']} tokens, "
+        f"lr {s['lr']}, LoRA {s['lora']}, heads + channels, one seed. Dense perplexity {d['dense']['perplexity']:.2f}.",
+        "",
+        "| sparsity | (a) LoRAPrune | (b) Taylor one-shot + LoRA | (c) true-gradient progressive | (d) magnitude one-shot + LoRA |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    by = {}
+    for r in d["results"]:
+        by.setdefault(r["sparsity"], {})[r["method"][0]] = r["perplexity"]
+    for sp, row in sorted(by.items()):
+        out.append(f"| {sp:.0%} | " + " | ".join(_f(row.get(k)) for k in "abcd") + " |")
+    out.append("")
+    return out
+
+
+def memory_section() -> list[str]:
+    d = _load("loraprune_memory")
+    if not d:
+        return []
+    m = d["median"]
+    return [
+        "### Memory of one importance step (micro-batch 1 x 512, gradient checkpointing)",
+        "",
+        f"`{d['command']}` ({_machine(d)}). Fresh process per sample, median of {len(d['samples']['lora'])}.",
+        "",
+        "| importance from | step peak (above loaded model) | process peak | gradients held |",
+        "|---|---:|---:|---:|",
+        f"| LoRA gradients (LoRAPrune) | {m['lora']['peak_delta_mb']:.0f} MB | {m['lora']['peak_abs_mb']:.0f} MB | {m['lora']['grads_held_mb']:.1f} MB |",
+        f"| true weight gradient | {m['grad']['peak_delta_mb']:.0f} MB | {m['grad']['peak_abs_mb']:.0f} MB | {m['grad']['grads_held_mb']:.1f} MB |",
+        f"| ratio | {d['ratio_step_memory_lora_over_grad']:.2f} | {d['ratio_total_process_memory_lora_over_grad']:.2f} | |",
+        "",
+    ]
+
+
+def overhead_section() -> list[str]:
+    d = _load("loraprune_overhead")
+    if not d:
+        return []
+    m = d["median_step_seconds"]
+    return [
+        "### Step time: LoRAPrune vs plain LoRA",
+        "",
+        f"`{d['command']}` ({_machine(d)}). Batch {d['setup']['batch_size']} x {d['setup']['seq_len']}, alternating blocks, medians.",
+        "",
+        "| plain LoRA step | LoRAPrune step | ratio |",
+        "|---:|---:|---:|",
+        f"| {m['lora']:.2f} s | {m['loraprune']:.2f} s | {d['ratio_loraprune_over_lora']:.3f} |",
+        "",
+    ]
+
+
+def speed_section() -> list[str]:
+    d = _load("result_speed")
+    if not d:
+        return []
+    p, t = d["median_prefill_ms"], d["median_decode_tok_s"]
+    sp = d["setup"]["pruned_report_sparsity"]["achieved"]
+    return [
+        "### Speed of the 50% LoRAPrune model (CPU)",
+        "",
+        f"`{d['command']}` ({_machine(d)}). Median of {d['setup']['repeats']}, dense and pruned alternating.",
+        "",
+        "| model | params | prefill 1x512 | decode tok/s |",
+        "|---|---:|---:|---:|",
+        f"| dense | {d['params']['dense'] / 1e6:.1f}M | {p['dense']:.0f} ms | {t['dense']:.1f} |",
+        f"| pruned ({sp:.1%} of decoder) | {d['params']['pruned'] / 1e6:.1f}M | {p['pruned']:.0f} ms | {t['pruned']:.1f} |",
+        f"| ratio | | {d['prefill_ratio_pruned_over_dense']:.2f}x | {d['decode_ratio_pruned_over_dense']:.2f}x |",
+        "",
+    ]
+
+
+def main() -> None:
+    lines = [START, ""]
+    for section in (dense_section, oneshot_section, taylor_memory_section, quality_section, memory_section, overhead_section, speed_section):
+        lines += section()
+    lines.append(END)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    a, b = text.index(START), text.index(END) + len(END)
+    readme.write_text(text[:a] + "\n".join(lines) + text[b:])
+    print("README.md results section rewritten")
+
+
+if __name__ == "__main__":
+    main()

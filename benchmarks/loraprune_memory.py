@@ -30,6 +30,7 @@ def child(metric: str, seq_len: int) -> dict:
     from slimtune.evaluate import track_peak_memory
     from slimtune.importance.loraprune import LoRAPruneImportance, enable_full_grad
     from slimtune.models import load_model
+    from slimtune.train import enable_checkpointing
 
     torch.set_num_threads(2)
     model, tok = load_model("default")
@@ -38,7 +39,7 @@ def child(metric: str, seq_len: int) -> dict:
         model(input_ids=batch[:, :8])  # fault the mmapped weights in before the baseline
     net = attach_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))
     base = net.get_base_model()
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(base)
     base.enable_input_require_grads()
     imp = LoRAPruneImportance(net, metric=metric)
     if metric == "grad":

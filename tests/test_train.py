@@ -97,3 +97,29 @@ def test_trainer_callback_runs_inside_hf_trainer(tmp_path):
     assert imp.steps == 6
     assert float(pruner.current) == pytest.approx(0.4)
     assert pruner.masks.pruned_fraction()["channels"] > 0
+
+
+def test_gradient_accumulation_matches_bigger_batch():
+    """Two micro-batches of 1 with accumulation give the same LoRA update as one batch of 2."""
+    results = []
+    for bs, acc in ((2, 1), (1, 2)):
+        model, imp, pruner, trainer = _setup(steps=1)
+        trainer.s.batch_size, trainer.s.grad_accum = bs, acc
+        model.eval()  # no dropout, so both paths see the same function
+        model.train = lambda mode=True, m=model: m  # keep eval mode inside train_step
+        trainer.train_step()
+        results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n in results[0]:
+        torch.testing.assert_close(results[0][n], results[1][n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "bf16"])
+def test_checkpointing_and_bf16_autocast_run(option):
+    model, imp, pruner, trainer = _setup(steps=4)
+    if option == "gradient_checkpointing":
+        trainer = Trainer(model, TOKENS, TrainSettings(steps=4, batch_size=2, gradient_checkpointing=True, checkpoint_every=0), imp, pruner)
+    else:
+        trainer = Trainer(model, TOKENS, TrainSettings(steps=4, batch_size=2, mixed_precision="bf16", checkpoint_every=0), imp, pruner)
+    history = trainer.run(progress=False)
+    assert len(history) == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert imp.steps == 4 and float(pruner.current) > 0

@@ -60,6 +60,14 @@ def _autocast(model: nn.Module, mode: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing under either transformers 5 name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -82,7 +90,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=settings.mixed_precision == "fp16")
         if settings.gradient_checkpointing:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(base)
             if hasattr(base, "enable_input_require_grads"):
                 base.enable_input_require_grads()
             base.config.use_cache = False

@@ -30,6 +30,7 @@ def child(metric: str, seq_len: int) -> dict:
     from slimtune.evaluate import track_peak_memory
     from slimtune.importance.loraprune import LoRAPruneImportance, enable_full_grad
     from slimtune.models import load_model
+    from slimtune.loss import causal_lm_loss
     from slimtune.train import enable_checkpointing
 
     torch.set_num_threads(2)
@@ -47,7 +48,7 @@ def child(metric: str, seq_len: int) -> dict:
     net.train()
     device = next(net.parameters()).device
     with track_peak_memory(device) as stats:
-        loss = net(input_ids=batch.to(device), labels=batch.to(device)).loss
+        loss = causal_lm_loss(net, batch.to(device))  # the training loop's loss: chunked LM head + CE
         loss.backward()
         imp.observe(net)
     weight_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .data import batch_at
 from .errors import SlimtuneError
 from .io import atomic_write_bytes
+from .loss import causal_lm_loss
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -148,7 +149,7 @@ class Trainer:
         for micro in range(s.grad_accum):
             batch = batch_at(self.tokens, s.batch_size, s.seed, self.step * s.grad_accum + micro).to(device)
             with _autocast(model, s.mixed_precision):
-                loss = model(input_ids=batch, labels=batch).loss / s.grad_accum
+                loss = causal_lm_loss(model, batch) / s.grad_accum
             if not torch.isfinite(loss):
                 where = f"; the last good checkpoint is {self.checkpoint} (resume with --resume after lowering --lr)" if self.checkpoint and self.checkpoint.is_file() else "; lower --lr"
                 raise SlimtuneError(f"loss became {loss.item()} at step {self.step + 1}{where}")

@@ -90,8 +90,6 @@ def export_model(model: nn.Module) -> nn.Module:
     root = _unwrap(model)
     if is_uniform(root):
         root.config = stock_config(root)
-        if root.config.model_type.startswith(SLIM_PREFIX):
-            return root  # already a slim class; its config still loads
         return root
     config, model_cls = slim_config(root)
     with torch.device("meta"):

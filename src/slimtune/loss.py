@@ -1,0 +1,42 @@
+"""Next-token loss without materialising the full [tokens, vocab] logits.
+
+With a large vocabulary the logits dominate training memory for small models: SmolLM2 at
+1 x 512 tokens has 512 x 49152 fp32 logits (96 MB), plus their log-softmax and gradient. Here
+the LM head and cross-entropy run per chunk of tokens under activation checkpointing, so only one
+chunk's logits exist at a time, in the forward and again in the backward. The value equals the
+model's own `labels=` loss (mean over all predicted tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+CHUNK_TOKENS = 256
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Mean cross-entropy of predicting input_ids[:, 1:] from input_ids[:, :-1]."""
+    base = _base(model)
+    hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # [b, L, d]
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [b*(L-1), d]
+    targets = input_ids[:, 1:].reshape(-1)
+    head = base.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_tokens):
+        h, y = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, h, y)
+    return total / targets.numel()

@@ -29,8 +29,8 @@ def child(metric: str, seq_len: int) -> dict:
     from slimtune.data import load_tokens
     from slimtune.evaluate import track_peak_memory
     from slimtune.importance.loraprune import LoRAPruneImportance, enable_full_grad
-    from slimtune.models import load_model
     from slimtune.loss import causal_lm_loss
+    from slimtune.models import load_model
     from slimtune.train import enable_checkpointing
 
     torch.set_num_threads(2)

@@ -53,7 +53,6 @@ def main() -> None:
     net = attach_lora(model, LoraSettings())
     lora_imp = LoRAPruneImportance(net, metric="lora")
     grad_imp = LoRAPruneImportance(net, metric="grad")
-    enable_full_grad(net)
 
     class Both:
         def observe(self, m):
@@ -61,6 +60,7 @@ def main() -> None:
             grad_imp.observe(m)
 
     trainer = Trainer(net, tokens, TrainSettings(steps=args.steps, batch_size=2, lr=args.lr, checkpoint_every=0), Both(), None)
+    enable_full_grad(net)  # after the Trainer took the LoRA parameters: W0 gets .grad, is never trained
     rows = []
     for step in range(1, args.steps + 1):
         trainer.train_step()

@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.5])
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--name", default="loraprune_quality")
+    ap.add_argument("--update", action="store_true", help="replace only these methods' rows in the existing JSON")
     args = ap.parse_args()
     base = dict(seq_len=args.seq_len, eval_windows=16, latency_seq_len=512, latency_repeats=3, decode_tokens=16, calib_batches=4)
     from slimtune.data import load_tokens
@@ -76,6 +77,15 @@ def main() -> None:
                 if crit == "loraprune" and sparsity == 0.5:  # input of benchmarks/result_speed.py
                     shutil.rmtree(KEEP, ignore_errors=True)
                     shutil.copytree(out, KEEP)
+    if args.update:
+        import json
+
+        from _common import RESULTS
+
+        old = json.loads((RESULTS / f"{args.name}.json").read_text())
+        rerun = {(r["method"], r["sparsity"]) for r in rows}
+        rows = [r for r in old["results"] if (r["method"], r["sparsity"]) not in rerun] + rows
+        rows.sort(key=lambda r: (r["sparsity"], r["method"]))
     write(args.name, {
         "setup": {**base, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "lora": "r8 alpha16 all 7 projections",
                   "granularity": "heads,channels (kv_groups), local", "seeds": 1},

@@ -123,3 +123,22 @@ def test_checkpointing_and_bf16_autocast_run(option):
     history = trainer.run(progress=False)
     assert len(history) == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert imp.steps == 4 and float(pruner.current) > 0
+
+
+def test_true_gradient_metric_observes_but_never_trains_base_weights():
+    from slimtune.importance.loraprune import enable_full_grad
+
+    torch.manual_seed(0)
+    model = attach_lora(tiny_model("llama", num_hidden_layers=4), LoraSettings(r=4, alpha=8))
+    imp = LoRAPruneImportance(model, metric="grad")
+    pruner = Pruner(model, PruneSettings(sparsity=0.3, prune_every=2, exclude_layers=[0]), imp, total_steps=4)
+    trainer = Trainer(model, TOKENS, TrainSettings(steps=4, batch_size=2, lr=1e-2, warmup_steps=0, checkpoint_every=0), imp, pruner)
+    enable_full_grad(model)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    trainer.run(progress=False)
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), f"{n} was trained"
+            assert p.grad is None
+    assert imp.steps == 4 and float(pruner.current) == pytest.approx(0.3)
+    assert set(trainer.state_dict()["trainable"]) == set(trainer.params) and all("lora_" in n for n in trainer.params)

@@ -126,8 +126,6 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
         from .importance.loraprune import LoRAPruneImportance, enable_full_grad
 
         importance = LoRAPruneImportance(net, metric="grad" if job.criterion == "grad" else "lora", keep_elements=job.prune.weight_level)
-        if job.criterion == "grad":
-            enable_full_grad(net)
         pruner = make_pruner(net, job.prune, importance, total_steps=job.train.steps)
     else:
         from .importance import make_importance
@@ -147,6 +145,8 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
         settings = copy.copy(job.train)
         settings.steps = job.train.steps if progressive else recover
         trainer = Trainer(net, train_tokens, settings, importance, pruner, checkpoint_dir=work)
+        if job.criterion == "grad":  # after the Trainer took its parameters: W0 gets .grad, is never trained
+            enable_full_grad(net)
         if job.resume:
             trainer.load_checkpoint()
         history = trainer.run(progress=progress)

@@ -80,10 +80,12 @@ class Trainer:
         self.model, self.tokens, self.s = model, tokens, settings
         self.importance, self.pruner = importance, pruner
         self.checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-        params = list(_trainable(model).values())
-        if not params:
+        # fixed at construction: weights that get .grad later only for importance (metric "grad")
+        # are observed, never trained, and are not checkpointed
+        self.params = _trainable(model)
+        if not self.params:
             raise SlimtuneError("nothing to train: no parameter requires grad (were LoRA adapters attached?)")
-        self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.opt = torch.optim.AdamW(list(self.params.values()), lr=settings.lr, weight_decay=settings.weight_decay)
         warm = max(settings.warmup_steps, 0)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: min(1.0, (t + 1) / (warm + 1)))
         self.step = 0
@@ -100,7 +102,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step,
-            "trainable": {n: p.detach().clone() for n, p in _trainable(self.model).items()},
+            "trainable": {n: p.detach().clone() for n, p in self.params.items()},
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -121,7 +123,7 @@ class Trainer:
         if self.checkpoint is None or not self.checkpoint.is_file():
             return False
         state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
-        params = _trainable(self.model)
+        params = self.params
         missing = set(state["trainable"]) ^ set(params)
         if missing:
             raise SlimtuneError(f"checkpoint {self.checkpoint} does not match this model/adapter set-up ({len(missing)} tensors differ); rerun without --resume or with the original options")
@@ -156,13 +158,13 @@ class Trainer:
             self.scaler.scale(loss).backward()
             total += loss.item()
         self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], s.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.max_grad_norm)
         if self.importance is not None and hasattr(self.importance, "observe"):
             self.importance.observe(model)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # also the observed-only weight gradients
         self.step += 1
         return total
 

@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import shlex
 import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "python": platform.python_version(),
-    }
-    try:
-        import transformers
+    from slimtune.evaluate.machine import machine_info
 
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return info
+    return machine_info()
 
 
 def command() -> str:
@@ -44,9 +26,10 @@ def median(xs):
 
 
 def write(name: str, payload: dict) -> Path:
+    from slimtune.evaluate.machine import utc_now
     from slimtune.io import atomic_write_json
 
-    payload = {"benchmark": name, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    payload = {"benchmark": name, "date": utc_now(),
                "command": command(), "machine": machine(), **payload}
     path = RESULTS / f"{name}.json"
     atomic_write_json(path, payload)

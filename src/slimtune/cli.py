@@ -103,7 +103,10 @@ def _eval(args) -> int:
         decode_tokens=16 if args.decode_tokens is None else args.decode_tokens, progress=not args.quiet,
     )
     result["model"], result["data"], result["split"] = args.model, args.data, args.split
+    from .evaluate.machine import machine_info, utc_now
+
     result["command"] = "slimtune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result["machine"], result["date"] = machine_info(), utc_now()
     print_results({args.model: result})
     if args.json:
         write_json(args.json, result)

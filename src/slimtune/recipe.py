@@ -17,6 +17,7 @@ from .adapters import LoraSettings, attach_lora, merge_keep_masks, save_adapters
 from .data import batch_at, load_tokens
 from .errors import SlimtuneError
 from .evaluate import evaluate_model
+from .evaluate.machine import machine_info, utc_now
 from .export import save_model, shrink_
 from .io import check_writable_parent
 from .models import get_arch, load_model
@@ -168,6 +169,8 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     report = {
         "command": job.command or "slimtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "job": _jsonable(job),
+        "machine": machine_info(),
+        "date": utc_now(),
         "sparsity": info,
         "per_layer": [] if weight_level else masks.per_layer(),
         "per_module": masks.per_module() if weight_level else [],

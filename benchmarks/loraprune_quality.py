@@ -77,12 +77,16 @@ def main() -> None:
                 if crit == "loraprune" and sparsity == 0.5:  # input of benchmarks/result_speed.py
                     shutil.rmtree(KEEP, ignore_errors=True)
                     shutil.copytree(out, KEEP)
+    from _common import command
+
+    history = [command()]
     if args.update:
         import json
 
         from _common import RESULTS
 
         old = json.loads((RESULTS / f"{args.name}.json").read_text())
+        history = old.get("invocations", [old["command"]]) + history
         rerun = {(r["method"], r["sparsity"]) for r in rows}
         rows = [r for r in old["results"] if (r["method"], r["sparsity"]) not in rerun] + rows
         rows.sort(key=lambda r: (r["sparsity"], r["method"]))
@@ -91,6 +95,7 @@ def main() -> None:
                   "granularity": "heads,channels (kv_groups), local", "seeds": 1},
         "dense": {k: dense[k] for k in ("perplexity", "params_total", "prefill_ms", "decode_tok_s")},
         "results": rows,
+        "invocations": history,
     })
 
 

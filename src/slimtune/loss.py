@@ -14,11 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .models.arch import unwrap
+
 CHUNK_TOKENS = 256
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -27,7 +25,7 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) ->
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """Mean cross-entropy of predicting input_ids[:, 1:] from input_ids[:, :-1]."""
-    base = _base(model)
+    base = unwrap(model)
     hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # [b, L, d]
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [b*(L-1), d]
     targets = input_ids[:, 1:].reshape(-1)

@@ -108,6 +108,6 @@ class StructuredMasks(nn.Module):
 
 
 def _config(model: nn.Module):
-    from .models.arch import _unwrap
+    from .models.arch import unwrap
 
-    return _unwrap(model).config
+    return unwrap(model).config

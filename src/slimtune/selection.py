@@ -23,6 +23,7 @@ from .errors import SlimtuneError
 from .export.shrink import decoder_param_count
 from .granularity import Granularity
 from .masks import StructuredMasks
+from .models.arch import base_layer, own_params
 
 PRUNED = -math.inf
 
@@ -42,7 +43,7 @@ def default_excluded_layers(num_layers: int) -> set[int]:
 
 
 def _lin_cost(module: nn.Module, rows: int = 0, cols: int = 0) -> int:
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    base = base_layer(module)
     out_f, in_f = base.weight.shape
     bias = base.bias is not None
     return rows * (in_f + bias) + cols * out_f
@@ -54,8 +55,7 @@ def _costs(masks: StructuredMasks, layer: nn.Module, i: int) -> dict[str, int]:
     q_head = _lin_cost(layer.get_submodule(spec.q), rows=hd) + _lin_cost(layer.get_submodule(spec.o), cols=hd)
     kv = _lin_cost(layer.get_submodule(spec.k), rows=hd) + _lin_cost(layer.get_submodule(spec.v), rows=hd)
     channel = sum(_lin_cost(layer.get_submodule(p), rows=1) for p in spec.mlp_in) + _lin_cost(layer.get_submodule(spec.mlp_out), cols=1)
-    params = sum(p.numel() for n, p in layer.named_parameters() if "lora_" not in n)
-    return {"q_head": q_head, "kv": kv, "channel": channel, "layer": params}
+    return {"q_head": q_head, "kv": kv, "channel": channel, "layer": own_params(layer)}
 
 
 def _head_queue(masks, i, scores, costs, head_mode) -> list[Candidate]:
@@ -192,7 +192,7 @@ def select(
         raise SlimtuneError(f"unknown ranking '{ranking}'; choose local or global")
     excluded = default_excluded_layers(len(masks)) if excluded is None else set(excluded)
     layers = masks.spec.decoder_layers(model)
-    total, _ = decoder_param_count(model, _full(masks))
+    total = sum(own_params(layer) for layer in layers)
     budget = sparsity * total
     costs = {}
     for i, layer in enumerate(layers):
@@ -268,12 +268,3 @@ def _solve_local(queues, budget, gran, costs, head_plan) -> list[Candidate]:
             lo = mid
     return best
 
-
-def _full(masks: StructuredMasks) -> StructuredMasks:
-    """A view of `masks` with nothing pruned, to count the dense decoder parameters."""
-    import copy
-
-    full = copy.deepcopy(masks)
-    for buf in full.buffers():
-        buf.fill_(1)
-    return full

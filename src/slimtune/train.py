@@ -21,6 +21,7 @@ from .data import batch_at
 from .errors import SlimtuneError
 from .io import atomic_write_bytes
 from .loss import causal_lm_loss
+from .models.arch import unwrap
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -92,7 +93,7 @@ class Trainer:
         self.history: list[dict] = []
         self.scaler = torch.amp.GradScaler(enabled=settings.mixed_precision == "fp16")
         if settings.gradient_checkpointing:
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base = unwrap(model)
             enable_checkpointing(base)
             if hasattr(base, "enable_input_require_grads"):
                 base.enable_input_require_grads()

@@ -36,7 +36,7 @@ from torch import nn
 
 from .errors import SlimtuneError
 from .importance.base import ElementScores, base_weight
-from .models.arch import ArchSpec, get_arch
+from .models.arch import ArchSpec, get_arch, own_params
 
 Key = tuple[int, str]  # (decoder layer index, projection path such as "self_attn.q_proj")
 
@@ -44,11 +44,6 @@ Key = tuple[int, str]  # (decoder layer index, projection path such as "self_att
 def _buffer_name(key: Key) -> str:
     i, path = key
     return f"m_{i}_{path.replace('.', '__')}"
-
-
-def _layer_params(layer: nn.Module) -> int:
-    """Parameters of one decoder layer, adapters left out (as export.shrink counts them)."""
-    return sum(p.numel() for name, p in layer.named_parameters() if "lora_" not in name)
 
 
 class WeightMasks(nn.Module):
@@ -95,7 +90,7 @@ class WeightMasks(nn.Module):
 
     def sparsity_of_decoder(self, model: nn.Module) -> float:
         """Pruned weights / all decoder-layer parameters (norms, biases, excluded layers count dense)."""
-        total = sum(_layer_params(layer) for layer in self.spec.decoder_layers(model))
+        total = sum(own_params(layer) for layer in self.spec.decoder_layers(model))
         return self.pruned() / max(total, 1)
 
     def per_module(self) -> list[dict]:
@@ -280,7 +275,7 @@ def module_fraction_for(model: nn.Module, spec: ArchSpec | None = None, excluded
         raise SlimtuneError(f"sparsity {sparsity} is outside [0, 1); pass a fraction such as 0.5")
     spec = spec or get_arch(model)
     layers = spec.decoder_layers(model)
-    total = sum(_layer_params(layer) for layer in layers)
+    total = sum(own_params(layer) for layer in layers)
     prunable = sum(
         base_weight(layer.get_submodule(path)).numel()
         for i, layer in enumerate(layers) if i not in excluded

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from .errors import SlimtuneError
+from .models.arch import base_layer, own_params
 from .pruner import ScheduledPruner
 from .selection import default_excluded_layers
 from .weight_masks import (
@@ -27,9 +28,9 @@ from .weight_masks import (
 def _prunable_share(model, spec, excluded) -> float:
     """Masked projection weights / all decoder-layer parameters."""
     layers = spec.decoder_layers(model)
-    total = sum(p.numel() for n, p in layers.named_parameters() if "lora_" not in n)
+    total = own_params(layers)
     masked = sum(
-        (m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight.numel()
+        base_layer(m).weight.numel()
         for i, layer in enumerate(layers) if i not in excluded
         for m in (layer.get_submodule(path) for path in spec.projections())
     )
@@ -71,7 +72,7 @@ class WeightPruner(ScheduledPruner):
         self.current.fill_(sparsity)
         achieved = self.masks.sparsity_of_decoder(self.model)
         layers = self.masks.spec.decoder_layers(self.model)
-        before = sum(p.numel() for n, p in layers.named_parameters() if "lora_" not in n)
+        before = own_params(layers)
         self.last_info = {"target": self.target, "achieved": achieved, "pattern": self.settings.nm if self.nm else "unstructured",
                           "decoder_params_before": before, "decoder_params_after": before - self.masks.pruned()}
         return self.last_info

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_directory
-from ..models.arch import SLIM_PREFIX, _unwrap, base_model_type, get_arch
+from ..models.arch import SLIM_PREFIX, base_model_type, get_arch, unwrap
 from . import slim_modeling
 
 MODELING_FILE = "modeling_slimtune.py"
@@ -22,7 +22,7 @@ MODELING_FILE = "modeling_slimtune.py"
 
 def layer_shapes(model: nn.Module) -> list[dict]:
     """Heads, KV heads and MLP width of every decoder layer, read off the weights."""
-    root = _unwrap(model)
+    root = unwrap(model)
     spec = get_arch(root)
     hd = spec.head_dim(root.config)
     return [
@@ -32,7 +32,7 @@ def layer_shapes(model: nn.Module) -> list[dict]:
 
 
 def is_uniform(model: nn.Module) -> bool:
-    root = _unwrap(model)
+    root = unwrap(model)
     spec = get_arch(root)
     shapes = layer_shapes(root)
     if any(s != shapes[0] for s in shapes):
@@ -49,7 +49,7 @@ def is_uniform(model: nn.Module) -> bool:
 
 def stock_config(model: nn.Module):
     """The model's config with sizes updated to the (uniform) shrunk layers."""
-    root = _unwrap(model)
+    root = unwrap(model)
     spec = get_arch(root)
     config = root.config.__class__.from_dict(root.config.to_dict())
     shape = layer_shapes(root)[0]
@@ -59,7 +59,7 @@ def stock_config(model: nn.Module):
 
 def slim_config(model: nn.Module):
     """A per-layer config (model_type slimtune_<base>) that records every projection's shape."""
-    root = _unwrap(model)
+    root = unwrap(model)
     spec = get_arch(root)
     base = base_model_type(root.config.model_type)
     config_cls, model_cls = slim_modeling.SLIM_CLASSES[base]
@@ -87,7 +87,7 @@ def slim_config(model: nn.Module):
 
 def export_model(model: nn.Module) -> nn.Module:
     """Return a model whose class and config describe its (possibly non-uniform) shapes."""
-    root = _unwrap(model)
+    root = unwrap(model)
     if is_uniform(root):
         root.config = stock_config(root)
         return root

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import SlimtuneError
 from ..masks import StructuredMasks
+from ..models.arch import base_layer, own_params
 
 
 @dataclass
@@ -52,7 +53,7 @@ def layer_plan(masks: StructuredMasks, i: int) -> LayerPlan | None:
 
 
 def _linear_params(module: nn.Module, rows: int | None, cols: int | None) -> int:
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    base = base_layer(module)
     out_f, in_f = base.weight.shape
     rows = out_f if rows is None else rows
     cols = in_f if cols is None else cols
@@ -75,7 +76,7 @@ def decoder_param_count(model: nn.Module, masks: StructuredMasks) -> tuple[int, 
     spec = masks.spec
     before = after = 0
     for i, layer in enumerate(spec.decoder_layers(model)):
-        n_layer = sum(p.numel() for name, p in layer.named_parameters() if "lora_" not in name)
+        n_layer = own_params(layer)
         before += n_layer
         plan = layer_plan(masks, i)
         if plan is None:
@@ -90,7 +91,7 @@ def decoder_param_count(model: nn.Module, masks: StructuredMasks) -> tuple[int, 
 
 @torch.no_grad()
 def _slice_linear(module: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    base = base_layer(module)
     w = base.weight
     if rows is not None:
         w = w[rows.to(w.device)]
@@ -116,10 +117,10 @@ def _slice_linear(module: nn.Module, rows: torch.Tensor | None, cols: torch.Tens
 @torch.no_grad()
 def shrink_(model: nn.Module, masks: StructuredMasks) -> dict:
     """Slice pruned units out of `model` in place and update its config. Returns per-layer sizes."""
-    from ..models.arch import _unwrap
+    from ..models.arch import unwrap
 
     spec = masks.spec
-    root = _unwrap(model)
+    root = unwrap(model)
     config = root.config
     layers = spec.decoder_layers(model)
     plans = [layer_plan(masks, i) for i in range(len(masks))]

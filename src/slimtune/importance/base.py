@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.arch import ArchSpec, get_arch
+from ..models.arch import ArchSpec, base_layer, get_arch
 
 # layer index -> projection path (spec.q, spec.mlp_out, ...) -> fp32 scores shaped like the base weight [out, in]
 ElementScores = dict[int, dict[str, torch.Tensor]]
@@ -22,7 +22,7 @@ ElementScores = dict[int, dict[str, torch.Tensor]]
 
 def base_weight(module: nn.Module) -> nn.Parameter:
     """The frozen base weight of a projection, also when PEFT has wrapped it in a LoRA layer."""
-    return module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
+    return base_layer(module).weight
 
 
 def projection_weights(model: nn.Module, spec: ArchSpec) -> Iterator[tuple[int, str, nn.Parameter]]:

@@ -36,7 +36,7 @@ class ArchSpec:
 
     # ---- lookup -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        root = _unwrap(model)
+        root = unwrap(model)
         return root.get_submodule(self.layers)
 
     def head_dim(self, config) -> int:
@@ -75,7 +75,17 @@ class ArchSpec:
             config.head_dim = head_dim
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def base_layer(module: nn.Module) -> nn.Module:
+    """The Linear under a PEFT LoRA wrapper (the module itself when it is not wrapped)."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def own_params(module: nn.Module) -> int:
+    """Parameters of `module` without any LoRA adapter tensors (what pruning counts)."""
+    return sum(p.numel() for name, p in module.named_parameters() if "lora_" not in name)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
     """Reach the HF model under PEFT wrappers (PeftModel -> LoraModel -> *ForCausalLM)."""
     while hasattr(model, "get_base_model") and model.get_base_model() is not model:
         model = model.get_base_model()
@@ -123,7 +133,7 @@ def base_model_type(model_type: str) -> str:
 
 
 def get_arch(model_or_config) -> ArchSpec:
-    config = getattr(_unwrap(model_or_config), "config", model_or_config)
+    config = getattr(unwrap(model_or_config), "config", model_or_config)
     model_type = base_model_type(getattr(config, "model_type", "") or "")
     for spec in SPECS:
         if model_type in spec.model_types:

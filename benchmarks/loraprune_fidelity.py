@@ -45,7 +45,7 @@ def main() -> None:
     from slimtune.data import load_tokens
     from slimtune.importance.loraprune import LoRAPruneImportance, enable_full_grad
     from slimtune.models import load_model
-    from slimtune.train import Trainer, TrainSettings
+    from slimtune.training.loop import Trainer, TrainSettings
 
     torch.manual_seed(0)
     model, tok = load_model("default")

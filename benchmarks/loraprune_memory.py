@@ -29,9 +29,9 @@ def child(metric: str, seq_len: int) -> dict:
     from slimtune.data import load_tokens
     from slimtune.evaluate import track_peak_memory
     from slimtune.importance.loraprune import LoRAPruneImportance, enable_full_grad
-    from slimtune.loss import causal_lm_loss
     from slimtune.models import load_model
-    from slimtune.train import enable_checkpointing
+    from slimtune.training.loop import enable_checkpointing
+    from slimtune.training.loss import causal_lm_loss
 
     torch.set_num_threads(2)
     model, tok = load_model("default")

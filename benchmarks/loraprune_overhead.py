@@ -32,8 +32,8 @@ def main() -> None:
     from slimtune.data import load_tokens
     from slimtune.importance.loraprune import LoRAPruneImportance
     from slimtune.models import load_model
-    from slimtune.pruner import Pruner, PruneSettings
-    from slimtune.train import Trainer, TrainSettings
+    from slimtune.pruning.pruner import Pruner, PruneSettings
+    from slimtune.training.loop import Trainer, TrainSettings
 
     torch.manual_seed(0)
     model, tok = load_model("default")

@@ -24,9 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write  # noqa: E402
 
-from slimtune.pruner import PruneSettings  # noqa: E402
+from slimtune.pruning.pruner import PruneSettings  # noqa: E402
 from slimtune.recipe import PruneJob, _evaluate, run_prune  # noqa: E402
-from slimtune.train import TrainSettings  # noqa: E402
+from slimtune.training.loop import TrainSettings  # noqa: E402
 
 KEEP = Path(tempfile.gettempdir()) / "slimtune-bench" / "loraprune_50"
 METHODS = {"a_loraprune": "loraprune", "b_taylor_then_lora": "taylor", "c_grad_progressive": "grad", "d_magnitude_then_lora": "magnitude"}

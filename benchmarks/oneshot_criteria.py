@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write  # noqa: E402
 
-from slimtune.pruner import PruneSettings  # noqa: E402
+from slimtune.pruning.pruner import PruneSettings  # noqa: E402
 from slimtune.recipe import PruneJob, _evaluate, run_prune  # noqa: E402
 
 CRITERIA = [

@@ -13,8 +13,8 @@ from slimtune.adapters import (
     scaling,
 )
 from slimtune.errors import SlimtuneError
-from slimtune.gates import attach_gates
-from slimtune.masks import StructuredMasks
+from slimtune.masking.gates import attach_gates
+from slimtune.masking.structured import StructuredMasks
 from slimtune.models.arch import get_arch
 from tests.conftest import tiny_model
 

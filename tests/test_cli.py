@@ -146,7 +146,7 @@ def test_weight_level_pruning_end_to_end(tmp_path, tiny_dir, text_file, capsys, 
 def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
     from safetensors.torch import load_file
 
-    from slimtune.train import Trainer
+    from slimtune.training.loop import Trainer
 
     common = ["prune", "--model", tiny_dir, "--data", text_file, "--sparsity", "0.4", "--steps", "6", "--batch-size", "2",
               "--checkpoint-every", "2", "--prune-every", "1", "--no-eval", *FAST]

@@ -11,11 +11,11 @@ from slimtune.importance import (
     RandomImportance,
     TaylorImportance,
     base_weight,
-    causal_lm_loss,
     make_importance,
     projection_weights,
 )
 from slimtune.models import get_arch
+from slimtune.training.loss import causal_lm_loss
 from tests.conftest import tiny_model
 
 

@@ -7,8 +7,8 @@ import torch
 
 from slimtune.adapters import LoraSettings, attach_lora, lora_pairs, lora_weights, scaling
 from slimtune.errors import SlimtuneError
-from slimtune.granularity import unit_scores
 from slimtune.importance.loraprune import LoRAPruneImportance, enable_full_grad, lora_grad_estimate
+from slimtune.importance.reduce import unit_scores
 from tests.conftest import tiny_model
 
 

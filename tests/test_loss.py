@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slimtune.adapters import LoraSettings, attach_lora
-from slimtune.loss import causal_lm_loss
+from slimtune.training.loss import causal_lm_loss
 from tests.conftest import tiny_model
 
 

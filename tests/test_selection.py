@@ -5,10 +5,11 @@ import torch
 
 from slimtune.errors import SlimtuneError
 from slimtune.export import decoder_param_count
-from slimtune.granularity import parse_granularity, unit_scores
-from slimtune.masks import StructuredMasks
-from slimtune.schedules import Schedule
-from slimtune.selection import select
+from slimtune.importance.reduce import unit_scores
+from slimtune.masking.structured import StructuredMasks
+from slimtune.pruning.granularity import parse_granularity
+from slimtune.pruning.schedules import Schedule
+from slimtune.pruning.selection import select
 from tests.conftest import tiny_model
 
 

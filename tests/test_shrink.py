@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 import slimtune  # noqa: F401  (registers slim model types)
 from slimtune.errors import SlimtuneError
 from slimtune.export import decoder_param_count, save_model, shrink_
-from slimtune.gates import attach_gates
-from slimtune.masks import StructuredMasks
+from slimtune.masking.gates import attach_gates
+from slimtune.masking.structured import StructuredMasks
 from tests.conftest import tiny_model
 
 

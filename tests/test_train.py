@@ -10,8 +10,8 @@ from slimtune.adapters import LoraSettings, attach_lora, merge_keep_masks
 from slimtune.errors import SlimtuneError
 from slimtune.export import shrink_
 from slimtune.importance.loraprune import LoRAPruneImportance
-from slimtune.pruner import Pruner, PruneSettings
-from slimtune.train import Trainer, TrainSettings
+from slimtune.pruning.pruner import Pruner, PruneSettings
+from slimtune.training.loop import Trainer, TrainSettings
 from tests.conftest import tiny_model
 
 TOKENS = torch.randint(0, 96, (16, 16), generator=torch.Generator().manual_seed(3))
@@ -87,7 +87,7 @@ def test_trainer_callback_runs_inside_hf_trainer(tmp_path):
     from transformers import Trainer as HFTrainer
     from transformers import TrainingArguments
 
-    from slimtune.callback import PruneCallback
+    from slimtune.training.callback import PruneCallback
 
     model, imp, pruner, _ = _setup(steps=6)
     data = [{"input_ids": row, "labels": row} for row in TOKENS]

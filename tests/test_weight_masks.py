@@ -8,16 +8,9 @@ import torch
 from slimtune.adapters import LoraSettings, attach_lora, lora_pairs, lora_weights, merge_keep_masks
 from slimtune.errors import SlimtuneError
 from slimtune.importance.loraprune import LoRAPruneImportance
+from slimtune.masking.weights import WeightMasks, _MaskedLinear, attach_weight_masks
 from slimtune.models.arch import get_arch
-from slimtune.weight_masks import (
-    WeightMasks,
-    _MaskedLinear,
-    attach_weight_masks,
-    module_fraction_for,
-    parse_nm,
-    select_nm,
-    select_unstructured,
-)
+from slimtune.pruning.weight_selection import module_fraction_for, parse_nm, select_nm, select_unstructured
 from tests.conftest import tiny_model
 
 TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))

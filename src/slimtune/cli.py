@@ -117,9 +117,9 @@ def _prune(args) -> int:
     from .adapters import LoraSettings
     from .evaluate import print_results, write_json
     from .io import check_writable_parent
-    from .pruner import PruneSettings
+    from .pruning.pruner import PruneSettings
     from .recipe import PruneJob, apply_preset, run_prune
-    from .train import TrainSettings
+    from .training.loop import TrainSettings
 
     if args.json:
         check_writable_parent(args.json)

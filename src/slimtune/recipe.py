@@ -18,13 +18,13 @@ from .data import batch_at, load_tokens
 from .errors import SlimtuneError
 from .evaluate import evaluate_model
 from .evaluate.machine import machine_info, utc_now
+from .evaluate.prune_report import write_report
 from .export import save_model, shrink_
 from .io import check_writable_parent
 from .models import get_arch, load_model
-from .pruner import PruneSettings, make_pruner
-from .report import write_report
+from .pruning.pruner import PruneSettings, make_pruner
 from .runtime import check_seq_len, pick_device
-from .train import Trainer, TrainSettings
+from .training.loop import Trainer, TrainSettings
 
 PROGRESSIVE = ("loraprune", "grad")  # importance observed during LoRA fine-tuning
 ONE_SHOT = {  # CLI name -> (registry name, options)

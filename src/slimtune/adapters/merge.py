@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import SlimtuneError
-from ..gates import zero_pruned_weights
-from ..masks import StructuredMasks
+from ..masking.gates import zero_pruned_weights
+from ..masking.structured import StructuredMasks
 from ..models.arch import get_arch
 
 WeightMasks = dict[tuple[int, str], torch.Tensor]  # (layer, projection path) -> bool [out, in], True = kept

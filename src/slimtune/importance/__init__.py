@@ -12,7 +12,9 @@ Adding a criterion: subclass `Importance` in a new file and add it to `CRITERIA`
 from __future__ import annotations
 
 from ..errors import SlimtuneError
-from .base import ElementScores, Importance, base_weight, causal_lm_loss, projection_weights
+from ..models.arch import base_weight
+from ..training.loss import causal_lm_loss
+from .base import ElementScores, Importance, projection_weights
 from .block_influence import BlockInfluence
 from .magnitude import MagnitudeImportance
 from .random import RandomImportance

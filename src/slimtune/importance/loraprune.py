@@ -32,10 +32,11 @@ from torch import nn
 
 from ..adapters.lora import lora_pairs, lora_weights, scaling
 from ..errors import SlimtuneError
-from ..granularity import channel_scores, head_scores
-from ..masks import StructuredMasks
+from ..masking.structured import StructuredMasks
 from ..models.arch import get_arch
-from .base import ElementScores, Importance, causal_lm_loss, projection_weights
+from ..training.loss import causal_lm_loss
+from .base import ElementScores, Importance, projection_weights
+from .reduce import channel_scores, head_scores
 
 METRICS = ("lora", "grad", "magnitude")
 

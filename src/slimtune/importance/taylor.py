@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import SlimtuneError
-from .base import ElementScores, Importance, causal_lm_loss, projection_weights
+from ..training.loss import causal_lm_loss
+from .base import ElementScores, Importance, projection_weights
 
 VARIANTS = ("element1", "element2", "vector")
 

@@ -80,6 +80,11 @@ def base_layer(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
+def base_weight(module: nn.Module) -> nn.Parameter:
+    """The frozen base weight of a projection, also when PEFT has wrapped it in a LoRA layer."""
+    return base_layer(module).weight
+
+
 def own_params(module: nn.Module) -> int:
     """Parameters of `module` without any LoRA adapter tensors (what pruning counts)."""
     return sum(p.numel() for name, p in module.named_parameters() if "lora_" not in name)

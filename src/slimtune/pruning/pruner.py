@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import SlimtuneError
-from .gates import attach_gates
-from .granularity import parse_granularity, unit_scores
-from .masks import StructuredMasks
+from ..errors import SlimtuneError
+from ..importance.reduce import unit_scores
+from ..masking.gates import attach_gates
+from ..masking.structured import StructuredMasks
+from .granularity import parse_granularity
 from .schedules import Schedule
 from .selection import default_excluded_layers, select
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models.arch import ArchSpec, get_arch
+from ..models.arch import ArchSpec, get_arch
 
 
 @dataclass
@@ -108,6 +108,6 @@ class StructuredMasks(nn.Module):
 
 
 def _config(model: nn.Module):
-    from .models.arch import unwrap
+    from ..models.arch import unwrap
 
     return unwrap(model).config

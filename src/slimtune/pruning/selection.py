@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import SlimtuneError
-from .export.shrink import decoder_param_count
+from ..errors import SlimtuneError
+from ..masking.plan import decoder_param_count
+from ..masking.structured import StructuredMasks
+from ..models.arch import base_layer, own_params
 from .granularity import Granularity
-from .masks import StructuredMasks
-from .models.arch import base_layer, own_params
 
 PRUNED = -math.inf
 

@@ -11,18 +11,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import SlimtuneError
-from .models.arch import base_layer, own_params
+from ..errors import SlimtuneError
+from ..masking.weights import WeightMasks, attach_weight_masks
+from ..models.arch import base_layer, own_params
 from .pruner import ScheduledPruner
 from .selection import default_excluded_layers
-from .weight_masks import (
-    WeightMasks,
-    attach_weight_masks,
-    module_fraction_for,
-    parse_nm,
-    select_nm,
-    select_unstructured,
-)
+from .weight_selection import module_fraction_for, parse_nm, select_nm, select_unstructured
 
 
 def _prunable_share(model, spec, excluded) -> float:
@@ -39,7 +33,7 @@ def _prunable_share(model, spec, excluded) -> float:
 
 class WeightPruner(ScheduledPruner):
     def __init__(self, model: nn.Module, settings, importance, total_steps: int = 1):
-        from .models.arch import get_arch
+        from ..models.arch import get_arch
 
         spec = get_arch(model)
         n = len(spec.decoder_layers(model))

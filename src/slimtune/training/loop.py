@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import batch_at
-from .errors import SlimtuneError
-from .io import atomic_write_bytes
+from ..data import batch_at
+from ..errors import SlimtuneError
+from ..io import atomic_write_bytes
+from ..models.arch import unwrap
 from .loss import causal_lm_loss
-from .models.arch import unwrap
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .masks import StructuredMasks
-from .models.arch import base_layer
+from ..models.arch import base_layer
+from .structured import StructuredMasks
 
 
 class GateHandles:

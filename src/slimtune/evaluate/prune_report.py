@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .evaluate import markdown_table, plot_curves, plot_kept_units, write_json
-from .io import atomic_write_text
+from ..io import atomic_write_text
+from . import markdown_table, plot_curves, plot_kept_units, write_json
 
 
 def _ratio(after: dict, before: dict, key: str) -> str:

@@ -1,7 +1,13 @@
-"""LoRA-family set-up through PEFT, and a merge that keeps every pruned weight exactly zero."""
+"""LoRA-family set-up through PEFT, saving for the original base model, and a merge that keeps
+every pruned weight exactly zero."""
+
+import copy
+import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
 
 from slimtune.adapters import (
     LoraSettings,
@@ -9,7 +15,9 @@ from slimtune.adapters import (
     lora_pairs,
     lora_weights,
     merge_keep_masks,
+    mutates_base,
     save_adapters,
+    save_initial_adapters,
     scaling,
 )
 from slimtune.errors import SlimtuneError
@@ -89,29 +97,38 @@ def train_a_little(model, steps=3, lr=0.5):
     return model.eval()
 
 
-def test_merge_keeps_structured_pruning_exact():
-    model = attach_lora(tiny_model("llama"), LoraSettings(r=4, dropout=0.0))
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_merge_keeps_structured_pruning_exact(variant):
+    """DoRA merges to (m/n)⊙V with n over the whole row, pruned columns included; the gated forward
+    uses the same n, so zeroing the pruned entries after the merge is exact for it too."""
+    model = attach_lora(tiny_model("llama"), LoraSettings(r=4, dropout=0.0, variant=variant))
+    spec, cfg = get_arch(model), model.config
+    d = cfg.head_dim  # 6 query heads share 2 KV heads: heads 0-2 use KV head 0, heads 3-5 KV head 1
     masks = StructuredMasks(model)
-    masks.set(1, heads=[1, 1, 1, 0, 0, 0])  # a whole KV group (heads 3-5 share KV head 1)
+    masks.set(1, heads=[1, 1, 1, 0, 0, 0])  # a whole KV group
     masks.set(2, heads=[0, 1, 1, 1, 1, 1])  # one query head of a shared KV group
-    keep = torch.ones(96)
+    keep = torch.ones(cfg.intermediate_size)
     keep[::3] = 0
     masks.set(2, channels=keep)
     gates = attach_gates(model, masks)  # after attach_lora, so the gates also cover the LoRA path
     train_a_little(model)
-    o = lora_pairs(model)[7 * 1 + 3][2]  # layer 1, o_proj: its B·A is dense in the pruned columns
-    assert bool((lora_weights(o)[1] @ lora_weights(o)[0])[:, 48:].abs().sum() > 0)
+    o = lora_pairs(model)[len(spec.projections()) * 1 + 3][2]  # layer 1, o_proj: its B·A is dense in the pruned columns
+    assert bool((lora_weights(o)[1] @ lora_weights(o)[0])[:, 3 * d :].abs().sum() > 0)
+    if variant == "dora":
+        magnitude = o.lora_magnitude_vector["default"].weight
+        assert not torch.allclose(magnitude, o.get_base_layer().weight.norm(dim=1))  # m was trained
     gated = logits(model)
     merged = merge_keep_masks(model, masks)
     assert not hasattr(merged, "peft_config")
-    spec, layers = get_arch(merged), get_arch(merged).decoder_layers(merged)
+    layers = spec.decoder_layers(merged)
     w = lambda i, path: layers[i].get_submodule(path).weight  # noqa: E731
-    assert (w(1, spec.q)[48:] == 0).all() and (w(1, spec.o)[:, 48:] == 0).all()
-    assert (w(1, spec.k)[16:] == 0).all() and (w(1, spec.v)[16:] == 0).all()
-    assert (w(2, spec.q)[:16] == 0).all() and (w(2, spec.o)[:, :16] == 0).all()
+    assert (w(1, spec.q)[3 * d :] == 0).all() and (w(1, spec.o)[:, 3 * d :] == 0).all()
+    assert (w(1, spec.k)[d:] == 0).all() and (w(1, spec.v)[d:] == 0).all()
+    assert (w(1, spec.q)[: 3 * d] != 0).any(dim=1).all() and (w(1, spec.k)[:d] != 0).any(dim=1).all()
+    assert (w(2, spec.q)[:d] == 0).all() and (w(2, spec.o)[:, :d] == 0).all()
     assert (w(2, spec.k) != 0).all(dim=1).all()  # the KV head is still shared by kept query heads
     for path in spec.mlp_in:
-        assert (w(2, path)[::3] == 0).all()
+        assert (w(2, path)[::3] == 0).all() and (w(2, path)[1::3] != 0).any(dim=1).all()
     assert (w(2, spec.mlp_out)[:, ::3] == 0).all()
     torch.testing.assert_close(logits(merged), gated, atol=1e-5, rtol=1e-5)
     gates.remove()
@@ -140,11 +157,71 @@ def test_merge_keeps_unstructured_zeros():
         torch.testing.assert_close(weight[keep], expected[(i, path)][keep])
 
 
-def test_save_adapters(tmp_path):
+HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora", "pissa"])
+def test_saved_adapters_apply_to_the_original_base(tmp_path, variant):
+    """PiSSA rewrites the base weights in place (W -> W_res); the saved adapter must still fit W."""
+    from peft import PeftModel
+
+    base = tiny_model("llama")
+    original = copy.deepcopy(base)
+    net = attach_lora(base, LoraSettings(r=4, alpha=8.0, variant=variant))
+    initial = save_initial_adapters(net, tmp_path / "initial")
+    assert (initial is None) == (variant != "pissa") and mutates_base(net) == (variant == "pissa")
+    train_a_little(net, lr=0.05)
+    trained = logits(net)
+    assert bool(torch.isfinite(trained).all()) and (trained - logits(original)).abs().max() > 1e-2
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+
+    save_adapters(net, tmp_path / "adapters", initial_dir=initial, base_name=HUB_NAME)
+    torch.testing.assert_close(logits(net), trained, atol=0, rtol=0)  # the live model is untouched
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == trainable and list(net.peft_config) == ["default"]
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == HUB_NAME
+    assert ModelCard.load(tmp_path / "adapters" / "README.md").data.base_model == HUB_NAME
+    if variant == "pissa":  # a plain LoRA of rank 2r on W: s·[B | −B₀]·[A ; A₀]
+        assert config["r"] == 8 and config["lora_alpha"] == 16.0 and config["init_lora_weights"] is True
+    if variant != "dora":  # any LoRA tool, not only PEFT: W + s'·B'·A' from the files is the trained weight
+        weights = load_file(tmp_path / "adapters" / "adapter_model.safetensors")
+        s = config["lora_alpha"] / (config["r"] ** 0.5 if config["use_rslora"] else config["r"])
+        for name, m in net.named_modules():
+            if name.endswith(".q_proj") and hasattr(m, "get_base_layer"):
+                A, B = lora_weights(m)
+                want = m.get_base_layer().weight + scaling(m) * B @ A
+                A1, B1 = weights[f"{name}.lora_A.weight"], weights[f"{name}.lora_B.weight"]
+                W = original.get_submodule(name.split("base_model.model.", 1)[1]).weight
+                torch.testing.assert_close(W + s * B1 @ A1, want.detach(), atol=1e-5, rtol=0)
+    untouched = {n: p.detach().clone() for n, p in original.named_parameters()}
+    reloaded = PeftModel.from_pretrained(original, tmp_path / "adapters").eval()
+    torch.testing.assert_close(logits(reloaded), trained, atol=1e-4, rtol=0)
+    for n, p in reloaded.get_base_model().named_parameters():  # loading must not rewrite W (PiSSA init would)
+        if "lora_" not in n:
+            assert torch.equal(p, untouched[n.replace(".base_layer", "")]), n
+    if initial is not None:  # the folder of save_initial_adapters also works as initial_dir
+        save_adapters(net, tmp_path / "again", initial_dir=tmp_path / "initial")
+        assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == (
+            tmp_path / "adapters" / "adapter_model.safetensors"
+        ).read_bytes()
+
+
+def test_save_adapters_errors(tmp_path):
     model = attach_lora(tiny_model("llama"), LoraSettings(r=4))
-    save_adapters(model, tmp_path / "adapter")
-    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    with pytest.raises(SlimtuneError):
-        save_adapters(tiny_model("llama"), tmp_path / "nope")
-    with pytest.raises(SlimtuneError, match="no adapters"):
-        merge_keep_masks(tiny_model("llama"))
+    save_adapters(model, tmp_path / "adapter")  # the two-argument call keeps working
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert save_initial_adapters(model, tmp_path / "initial") is None and not (tmp_path / "initial").exists()
+
+    def one_line(call, match):
+        with pytest.raises(SlimtuneError, match=match) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+    one_line(lambda: save_adapters(tiny_model("llama"), tmp_path / "nope"), "PeftModel returned by attach_lora")
+    one_line(lambda: save_initial_adapters(tiny_model("llama"), tmp_path / "nope"), "PeftModel returned by attach_lora")
+    one_line(lambda: merge_keep_masks(tiny_model("llama")), "no adapters")
+    pissa = attach_lora(tiny_model("llama"), LoraSettings(r=4, variant="pissa"))
+    one_line(lambda: save_adapters(pissa, tmp_path / "p"), "PiSSA.*call save_initial_adapters")
+    one_line(lambda: save_adapters(pissa, tmp_path / "p", initial_dir=tmp_path / "empty"), "no initial adapter in")
+    other = save_initial_adapters(attach_lora(tiny_model("llama"), LoraSettings(r=2, variant="pissa")), tmp_path / "r2")
+    one_line(lambda: save_adapters(pissa, tmp_path / "p", initial_dir=other), "has r=2, alpha=16.0, not r=4")

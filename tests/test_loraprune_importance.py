@@ -1,5 +1,6 @@
-"""LoRAPrune importance: the gradient-estimate identities of METHODS.md §2, the EMA and its state."""
+"""LoRAPrune importance (arXiv 2305.18403): the gradient-estimate identities, DoRA, the EMA and its state."""
 
+import copy
 import io
 
 import pytest
@@ -7,8 +8,10 @@ import torch
 
 from slimtune.adapters import LoraSettings, attach_lora, lora_pairs, lora_weights, scaling
 from slimtune.errors import SlimtuneError
+from slimtune.importance.base import projection_weights
 from slimtune.importance.loraprune import LoRAPruneImportance, enable_full_grad, lora_grad_estimate
 from slimtune.importance.reduce import unit_scores
+from slimtune.models.arch import get_arch
 from tests.conftest import tiny_model
 
 
@@ -47,32 +50,84 @@ def test_one_sgd_step_moves_ba_by_the_estimate():
                 torch.testing.assert_close(moved, lora_grad_estimate(A0, B0, gA, gB), rtol=1e-6, atol=1e-12)
 
 
-def test_full_rank_orthogonal_a_matches_full_gradient_taylor():
-    """r = d_in, A orthogonal, B = 0: Ĝ = s·G exactly, so units rank like |G ⊙ W| Taylor."""
-    model = attach_lora(tiny_model("llama"), LoraSettings(r=96, alpha=192.0, dropout=0.0)).double()
+def full_rank_orthogonal(variant="lora"):
+    """r ≥ every d_in, AᵀA = I (A [r, in] with orthonormal columns) and B = 0, in fp64: then
+    Ĝ = G_B·A = s·G·AᵀA = s·G exactly. Returns the model and s."""
+    base = tiny_model("llama")
+    r = max(w.shape[1] for _, _, w in projection_weights(base, get_arch(base)))  # shapes from conftest
+    model = attach_lora(base, LoraSettings(r=r, alpha=2.0 * r, dropout=0.0, variant=variant)).double()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for _, _, m in lora_pairs(model):
             A, B = lora_weights(m)
-            assert A.shape == (96, 96)  # every projection of the tiny model has d_in = 96
-            A.copy_(torch.linalg.qr(torch.randn(96, 96, generator=gen, dtype=torch.float64))[0])
+            A.copy_(torch.linalg.qr(torch.randn(A.shape, generator=gen, dtype=torch.float64))[0])
             B.zero_()
+    return model, 2.0
+
+
+def assert_units_match(est, ref, s):
+    """Per-module l2 normalisation cancels s in the unit scores; the layer score keeps it."""
+    for a, b in zip(est.unit_scores(), ref.unit_scores()):
+        assert torch.equal(a["heads"].argsort(), b["heads"].argsort())
+        assert torch.equal(a["channels"].argsort(), b["channels"].argsort())
+        torch.testing.assert_close(a["heads"], b["heads"])
+        torch.testing.assert_close(a["channels"], b["channels"])
+        assert a["layer"] == pytest.approx(s * b["layer"], rel=1e-6)
+
+
+def test_full_rank_orthogonal_a_matches_full_gradient_taylor():
+    """r = d_in, A orthogonal, B = 0: Ĝ = s·G exactly, so units rank like |G ⊙ W| Taylor."""
+    model, s = full_rank_orthogonal()
     restore = enable_full_grad(model)
     est = LoRAPruneImportance(model, metric="lora", beta=0.0)
     ref = LoRAPruneImportance(model, metric="grad", beta=0.0)
     backward(model)
     for _, _, m in lora_pairs(model):
         A, B = lora_weights(m)
+        assert A.shape[0] >= A.shape[1]
         G = m.get_base_layer().weight.grad  # = dL/dW' since W' = W0 + s·B·A
         torch.testing.assert_close(lora_grad_estimate(A, B, A.grad, B.grad), scaling(m) * G, rtol=1e-9, atol=1e-15)
     est.observe(model)
     ref.observe(model)
     restore()
-    for a, b in zip(est.unit_scores(), ref.unit_scores()):
-        assert torch.equal(a["heads"].argsort(), b["heads"].argsort())
-        assert torch.equal(a["channels"].argsort(), b["channels"].argsort())
-        torch.testing.assert_close(a["heads"], b["heads"])
-        assert a["layer"] == pytest.approx(2.0 * b["layer"], rel=1e-6)  # s = 192/96 is not divided out
+    assert_units_match(est, ref, s)
+
+
+def test_dora_scores_are_the_taylor_scores_of_the_effective_weight():
+    """DoRA, W' = (m/n)⊙V with V = W0 + s·B·A and n = ‖V‖_row detached by PEFT (DoRA §4.3):
+    G_V = W0.grad = (m/n)⊙G_W', the A/B gradients are those of LoRA on V, so Ĝ = s·W0.grad in the
+    full-rank set-up, and S = |Ĝ ⊙ V| = s·|G_W' ⊙ W'| with G_W' the gradient of the merged weight."""
+    model, s = full_rank_orthogonal("dora")
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # m = n at init; move it so that m/n ≠ 1 and G_V ≠ G_W'
+        for _, _, m in lora_pairs(model):
+            mag = m.lora_magnitude_vector["default"].weight
+            mag.mul_(0.5 + torch.rand(mag.shape, generator=gen, dtype=mag.dtype))
+    merged = copy.deepcopy(model).merge_and_unload()  # a plain model with W' as its weights
+    effective = {(i, path): w for i, path, w in projection_weights(merged, get_arch(merged))}
+    for w in effective.values():
+        w.requires_grad_(True)
+    backward(merged)
+
+    restore = enable_full_grad(model)
+    est = LoRAPruneImportance(model, beta=0.0, keep_elements=True)
+    ref = LoRAPruneImportance(model, metric="grad", beta=0.0)
+    backward(model)
+    est.observe(model)
+    ref.observe(model)
+    elements = est.element_scores()
+    for i, path, m in lora_pairs(model):
+        A, B = lora_weights(m)
+        W0 = m.get_base_layer().weight
+        ratio = (m.lora_magnitude_vector["default"].weight / W0.norm(dim=1)).detach()  # B = 0: V = W0
+        G_eff, W_eff = effective[(i, path)].grad, effective[(i, path)].detach()
+        torch.testing.assert_close(W_eff, ratio[:, None] * W0.detach(), rtol=1e-12, atol=1e-15)
+        assert not torch.allclose(W0.grad, G_eff, rtol=1e-3)  # the set-up tells G_V from G_W'
+        torch.testing.assert_close(W0.grad, ratio[:, None] * G_eff, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(lora_grad_estimate(A, B, A.grad, B.grad), s * W0.grad, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(elements[i][path], s * (G_eff * W_eff).abs(), rtol=1e-9, atol=1e-15)
+    restore()
+    assert_units_match(est, ref, s)
 
 
 def test_units_equal_the_reduction_of_element_scores():

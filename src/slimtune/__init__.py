@@ -1,6 +1,28 @@
-"""slimtune: prune and fine-tune LLMs at LoRA's memory cost, and ship models Hugging Face loads."""
+"""slimtune: prune and fine-tune LLMs at LoRA's memory cost, and ship models Hugging Face loads.
+
+    import slimtune
+    result = slimtune.prune_(model, slimtune.LoRAPruneConfig(), data=tokens)
+
+The API names below load lazily, so `import slimtune` stays cheap (it only registers the
+per-layer model types that non-uniform pruned models use).
+"""
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "prune_": "api", "check_config": "api", "PruneSession": "api", "PruneResult": "api",
+    "LoRAPruneConfig": "config", "OneShotConfig": "config", "MethodConfig": "config",
+    "PruneSettings": "pruning.pruner", "TrainSettings": "training.loop", "LoraSettings": "adapters.lora",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'slimtune' has no attribute {name!r}")
 
 
 def _register_slim_models() -> None:

@@ -1,10 +1,15 @@
-"""The prune job, top to bottom: load -> evaluate -> adapters -> prune (+ fine-tune) -> merge ->
-shrink -> save -> evaluate -> report. The CLI and the benchmarks both call `run_prune`.
+"""The jobs behind the CLI, top to bottom.
+
+    prune: check options -> load -> check method -> evaluate dense -> prune_ (adapters, prune,
+           fine-tune, merge, shrink) -> save (with a reload check) -> evaluate -> report
+    eval:  load -> evaluate
+
+The job dataclasses are the single source of CLI options and defaults (cli_gen.py), and presets
+override the dataclass defaults, below anything typed on the command line.
 """
 
 from __future__ import annotations
 
-import copy
 import shlex
 import sys
 import time
@@ -13,78 +18,103 @@ from pathlib import Path
 
 import torch
 
-from .adapters import LoraSettings, attach_lora, merge_keep_masks, save_adapters
-from .data import batch_at, load_tokens
+from .adapters import LoraSettings
+from .api import check_config, prune_
+from .config import MethodConfig, OneShotConfig, config_for
+from .data import load_tokens
 from .errors import SlimtuneError
 from .evaluate import evaluate_model
 from .evaluate.machine import machine_info, utc_now
 from .evaluate.prune_report import write_report
-from .export import save_model, shrink_
+from .export import save_model
+from .importance import CRITERIA
 from .io import check_writable_parent
 from .models import get_arch, load_model
-from .pruning.pruner import PruneSettings, make_pruner
+from .pruning.pruner import PruneSettings
 from .runtime import check_seq_len, pick_device
-from .training.loop import Trainer, TrainSettings
+from .training.loop import TrainSettings
 
-PROGRESSIVE = ("loraprune", "grad")  # importance observed during LoRA fine-tuning
-ONE_SHOT = {  # CLI name -> (registry name, options)
-    "taylor": ("taylor", {"variant": "element1"}),
-    "taylor2": ("taylor", {"variant": "element2"}),
-    "taylor_vector": ("taylor", {"variant": "vector"}),
-    "magnitude": ("magnitude", {"p": 1}),
-    "l2": ("magnitude", {"p": 2}),
-    "random": ("random", {}),
-    "block_influence": ("block_influence", {}),
-}
+DTYPES = ("float32", "bfloat16", "float16")
+RELOAD_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}  # max |logit diff| of the saved model
+
 PRESETS = {
-    # name: (train overrides, job overrides); "quick" is the default, sized for a 2-core CPU
-    "quick": ({}, {}),
-    "standard": ({"steps": 200, "batch_size": 4, "grad_accum": 2, "checkpoint_every": 20}, {"seq_len": 512, "eval_windows": 64, "calib_batches": 16}),
-    "paper": ({"steps": 600, "batch_size": 4, "grad_accum": 32, "lr": 3e-4, "checkpoint_every": 20}, {"seq_len": 256, "eval_windows": 256, "calib_batches": 32}),
+    # name: {"field" or "section.field": value}; "quick" is the dataclass defaults, sized for a 2-core CPU
+    "quick": {},
+    "standard": {"train.steps": 200, "train.batch_size": 4, "train.grad_accum": 2, "train.checkpoint_every": 20,
+                 "seq_len": 512, "eval_windows": 64, "calib_batches": 16},
+    "paper": {"train.steps": 600, "train.batch_size": 4, "train.grad_accum": 32, "train.lr": 3e-4, "train.checkpoint_every": 20,
+              "seq_len": 256, "eval_windows": 256, "calib_batches": 32},
 }
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
 
 
 @dataclass
-class PruneJob:
-    model: str = "default"
-    data: str = "wiki"
-    out: str = "pruned"
-    overwrite: bool = False
-    resume: bool = False
-    criterion: str = "loraprune"
-    seq_len: int = 256
-    eval_windows: int = 16  # evenly spaced test windows of seq_len tokens
-    latency_seq_len: int = 256
-    latency_repeats: int = 3
-    decode_tokens: int = 16
-    calib_batches: int = 4  # one-shot criteria: batches of calibration data
-    recover_steps: int | None = None  # one-shot: LoRA recovery steps after pruning (None: train.steps)
-    evaluate: bool = True
-    evaluate_dense: bool = True  # benchmarks measure the dense model once and skip it here
-    dtype: str = "float32"
-    device: str = "auto"
-    prune: PruneSettings = field(default_factory=PruneSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    command: str = ""
+class EvalJob:
+    model: str = field(default="default", metadata=_help("'default' (bundled SmolLM2-135M), a local HF directory, or a hub id"))
+    data: str = field(default="wiki", metadata=_help("'wiki' (bundled Wikipedia sample), a .txt/.jsonl file, or a datasets name (wikitext2, c4, ptb)"))
+    seq_len: int = field(default=256, metadata=_help("tokens per sequence"))
+    eval_windows: int = field(default=16, metadata=_help("evenly spaced test windows of seq_len tokens for perplexity"))
+    latency_seq_len: int | None = field(default=None, metadata=_help("prompt length for prefill latency (default: seq_len)"))
+    latency_repeats: int = field(default=3, metadata=_help("timed prefill repeats; the median is reported"))
+    decode_tokens: int = field(default=16, metadata=_help("tokens generated to time decoding"))
+    dtype: str = field(default="float32", metadata=_help("weights dtype", choices=DTYPES))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:1, ..."))
+    json: str | None = field(default=None, metadata=_help("also write the results as JSON to this path"))
+    quiet: bool = field(default=False, metadata=_help("no progress bars"))
+    split: str = field(default="test", metadata=_help("which split to evaluate", choices=("train", "validation", "test")))
 
     def __post_init__(self):
         if self.seq_len < 2:
             raise SlimtuneError(f"--seq-len {self.seq_len} is too small; use at least 2 (e.g. 256)")
-        if self.criterion not in PROGRESSIVE and self.criterion not in ONE_SHOT:
-            raise SlimtuneError(f"unknown criterion '{self.criterion}'; choose one of {', '.join([*PROGRESSIVE, *ONE_SHOT])}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise SlimtuneError(f"unknown --dtype '{self.dtype}'; choose float32, bfloat16 or float16")
+        for name in ("eval_windows", "latency_repeats"):
+            if getattr(self, name) < 1:
+                raise SlimtuneError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        if self.decode_tokens < 0:
+            raise SlimtuneError(f"--decode-tokens {self.decode_tokens} must not be negative")
+        if self.dtype not in DTYPES:
+            raise SlimtuneError(f"unknown --dtype '{self.dtype}'; choose {', '.join(DTYPES)}")
+        if self.latency_seq_len is None:
+            self.latency_seq_len = self.seq_len
+        if self.json:
+            check_writable_parent(self.json)
 
 
-def apply_preset(job: PruneJob, name: str) -> None:
+@dataclass
+class PruneJob(EvalJob):
+    out: str = field(default="pruned", metadata=_help("output directory: a model from_pretrained loads, plus the report"))
+    overwrite: bool = field(default=False, metadata=_help("replace an output directory that slimtune wrote before"))
+    resume: bool = field(default=False, metadata=_help("continue an interrupted run from its last checkpoint"))
+    preset: str = field(default="quick", metadata=_help(f"budget: {', '.join(PRESETS)} (quick: minutes on a CPU)"))
+    criterion: str = field(default="loraprune", metadata=_help(f"importance criterion: {', '.join(CRITERIA)}"))
+    calib_batches: int = field(default=4, metadata=_help("one-shot criteria: calibration batches"))
+    recover_steps: int | None = field(default=None, metadata=_help("one-shot criteria: LoRA recovery steps after pruning (default: --steps; 0 = none)"))
+    evaluate: bool = field(default=True, metadata=_help("skip the before/after evaluation", flag="--no-eval"))
+    evaluate_dense: bool = field(default=True, metadata={"cli": False})  # benchmarks measure the dense model once
+    split: str = field(default="test", metadata={"cli": False})
+    prune: PruneSettings = field(default_factory=PruneSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    command: str = field(default="", metadata={"cli": False})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.method  # noqa: B018 (the method config validates criterion x granularity x adapters before any loading)
+
+    @property
+    def method(self) -> MethodConfig:
+        cls = config_for(self.criterion)
+        extra = {"calib_batches": self.calib_batches, "recover_steps": self.recover_steps} if cls is OneShotConfig else {}
+        return cls(prune=self.prune, lora=self.lora, train=self.train, criterion=self.criterion, **extra)
+
+
+def apply_preset(values: dict, name: str) -> dict:
+    """dataclass defaults < preset < what the user typed."""
     if name not in PRESETS:
         raise SlimtuneError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
-    train, top = PRESETS[name]
-    for k, v in train.items():
-        setattr(job.train, k, v)
-    for k, v in top.items():
-        setattr(job, k, v)
+    return {**PRESETS[name], **values}
 
 
 def _check_out(job: PruneJob) -> Path:
@@ -94,7 +124,7 @@ def _check_out(job: PruneJob) -> Path:
     return out
 
 
-def _evaluate(model, tokens, job: PruneJob, label: str, progress: bool) -> dict:
+def _evaluate(model, tokens, job: EvalJob, label: str, progress: bool) -> dict:
     spec = get_arch(model)
     if progress:
         print(f"[slimtune] evaluating the {label} model on {tokens.shape[0]} x {tokens.shape[1]} test tokens", file=sys.stderr)
@@ -104,98 +134,75 @@ def _evaluate(model, tokens, job: PruneJob, label: str, progress: bool) -> dict:
     )
 
 
+def _command() -> str:
+    return "slimtune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def run_eval(job: EvalJob) -> dict:
+    model, tok = load_model(job.model, dtype=getattr(torch, job.dtype), device=pick_device(job.device))
+    check_seq_len(model, job.seq_len)
+    tokens = load_tokens(job.data, tok, job.split, job.seq_len, max_sequences=job.eval_windows)
+    result = _evaluate(model, tokens, job, job.model, progress=not job.quiet)
+    result.update(model=job.model, data=job.data, split=job.split, command=_command(), machine=machine_info(), date=utc_now())
+    return result
+
+
 def run_prune(job: PruneJob, progress: bool = True) -> dict:
     t0 = time.time()
     out = _check_out(job)
     work = out.parent / f".{out.name}.work"  # checkpoints live here until the job succeeds
     if job.resume and not (work / "checkpoint.pt").is_file():
         raise SlimtuneError(f"nothing to resume: no checkpoint in {work}; run without --resume")
-    dtype = getattr(torch, job.dtype)
-    model, tokenizer = load_model(job.model, dtype=dtype, device=pick_device(job.device))
-    get_arch(model)  # unsupported architectures fail here, before any work
+    config = job.method
+    model, tokenizer = load_model(job.model, dtype=getattr(torch, job.dtype), device=pick_device(job.device))
+    check_config(model, config)  # criterion x granularity x adapters x model shapes: before any work
     check_seq_len(model, job.seq_len)
     train_tokens = load_tokens(job.data, tokenizer, "train", job.seq_len)
     test_tokens = load_tokens(job.data, tokenizer, "test", job.seq_len, max_sequences=job.eval_windows)
     before = _evaluate(model, test_tokens, job, "dense", progress) if job.evaluate and job.evaluate_dense else None
+    base_name = getattr(model.config, "name_or_path", None) or job.model
 
-    torch.manual_seed(job.train.seed)  # LoRA init, dropout: a rerun (or --resume) with the same seed is identical
-    progressive = job.criterion in PROGRESSIVE
-    recover = job.train.steps if job.recover_steps is None else job.recover_steps
-    use_lora = progressive or recover > 0
-    net = attach_lora(model, job.lora) if use_lora else model
-    if progressive:
-        from .importance.loraprune import LoRAPruneImportance, enable_full_grad
-
-        importance = LoRAPruneImportance(net, metric="grad" if job.criterion == "grad" else "lora", keep_elements=job.prune.weight_level)
-        pruner = make_pruner(net, job.prune, importance, total_steps=job.train.steps)
-    else:
-        from .importance import make_importance
-
-        name, options = ONE_SHOT[job.criterion]
-        importance = make_importance(name, net, **options)
-        if getattr(importance, "needs_data", True):
-            for b in range(job.calib_batches):
-                importance.update(net, batch_at(train_tokens, job.train.batch_size, job.train.seed + 1, b).to(next(net.parameters()).device))
-        pruner = make_pruner(net, job.prune, importance, total_steps=1)
-        pruner.finalize()
-        importance.remove()
-        importance = None
-
-    history: list[dict] = []
-    if use_lora:
-        settings = copy.copy(job.train)
-        settings.steps = job.train.steps if progressive else recover
-        trainer = Trainer(net, train_tokens, settings, importance, pruner, checkpoint_dir=work)
-        if job.criterion == "grad":  # after the Trainer took its parameters: W0 gets .grad, is never trained
-            enable_full_grad(net)
-        if job.resume:
-            trainer.load_checkpoint()
-        history = trainer.run(progress=progress)
-    info = pruner.finalize()
-    masks = pruner.masks
-    pruner.remove_gates()
-
-    staging = work / "adapters"
-    weight_level = job.prune.weight_level
-    if use_lora:
-        save_adapters(net, staging)
-        model = merge_keep_masks(net, None if weight_level else masks, weight_masks=masks.as_dict() if weight_level else None)
-    elif weight_level:
-        _zero_masked_weights(model, masks)
-    # unstructured / N:M keep their shapes (zeros stored densely); structured units are sliced out
-    shrink_info = {} if weight_level else shrink_(model, masks)
-    model.eval()
+    result = prune_(model, config, train_tokens, work_dir=work, resume=job.resume, progress=progress,
+                    adapter_dir=work / "adapters" if config.uses_lora else None, base_name=base_name)
+    model, masks = result.model, result.masks
+    sp = result.sparsity
+    if sp.get("shortfall", 0.0) > 5e-4:
+        print(f"[slimtune] warning: reached sparsity {sp['achieved']:.4f}, {sp['shortfall']:.4f} short of the target {sp['target']}: "
+              "the granularity's units are too coarse for an exact hit", file=sys.stderr)
     after = _evaluate(model, test_tokens, job, "pruned", progress) if job.evaluate else None
     report = {
-        "command": job.command or "slimtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": job.command or _command(),
         "job": _jsonable(job),
         "machine": machine_info(),
         "date": utc_now(),
-        "sparsity": info,
-        "per_layer": [] if weight_level else masks.per_layer(),
-        "per_module": masks.per_module() if weight_level else [],
-        "shrink": shrink_info,
+        "sparsity": sp,
+        "per_layer": [] if result.weight_level else masks.per_layer(),
+        "per_module": masks.per_module() if result.weight_level else [],
+        "shrink": result.shrink,
         "before": before,
         "after": after,
-        "history": history,
-        "importance_skipped_updates": getattr(importance, "skipped", 0) if importance is not None else 0,
+        "history": result.history,
+        "importance_skipped_updates": result.importance_skipped_updates,
         "wall_seconds": None,
     }
+    tolerance = RELOAD_TOLERANCE[job.dtype]
 
     def extra(tmp: Path) -> None:
-        if use_lora and staging.is_dir():
-            import shutil
+        import shutil
 
-            shutil.copytree(staging, tmp / "adapters")
+        if (work / "adapters").is_dir():
+            shutil.copytree(work / "adapters", tmp / "adapters")
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in masks.state_dict().items()}, str(tmp / "pruning_masks.safetensors"))
+        # the saved directory must give the in-memory model's logits: check before it replaces anything
+        report["reload_max_abs_diff"] = diff = _reload_check(model, tmp, test_tokens)
+        if not diff <= tolerance:
+            raise SlimtuneError(f"the saved model disagrees with the pruned model (max |logit diff| {diff:.3g} > {tolerance}); nothing was written to {out}; please report this")
         report["wall_seconds"] = time.time() - t0
         write_report(tmp, report)
 
     save_model(model, out, tokenizer=tokenizer, overwrite=True, extra=extra)
-    report["reload_max_abs_diff"] = _reload_check(model, out, test_tokens)
-    write_report(out, report)
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
@@ -203,23 +210,17 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
 
 
 @torch.no_grad()
-def _zero_masked_weights(model, masks) -> None:
-    for (layer, path), keep in masks.as_dict().items():
-        module = masks.spec.decoder_layers(model)[layer].get_submodule(path)
-        module.weight.masked_fill_(~keep.to(module.weight.device), 0)
-
-
-@torch.no_grad()
-def _reload_check(model, out: Path, tokens: torch.Tensor) -> float:
-    """Load the saved directory with plain `from_pretrained` and compare logits."""
+def _reload_check(model, directory: Path, tokens: torch.Tensor) -> float:
+    """Load `directory` with plain `from_pretrained` and compare logits with the in-memory model."""
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=next(model.parameters()).dtype).to(next(model.parameters()).device).eval()
-    x = tokens[:1, :32].to(next(model.parameters()).device)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    x = tokens[:1, :32].to(device)
     return float((reloaded(x).logits - model(x).logits).abs().max())
 
 
 def _jsonable(obj):
     if hasattr(obj, "__dataclass_fields__"):
-        return {k: _jsonable(v) for k, v in asdict(obj).items() if k != "history"}
+        return {k: _jsonable(v) for k, v in asdict(obj).items()}
     return obj

@@ -1,7 +1,9 @@
-"""LoRA-family adapters (through PEFT) and a merge that keeps pruned weights at zero."""
+"""LoRA-family adapters (through PEFT), their saving for the original base model, and a merge that
+keeps pruned weights at zero."""
 
 from .lora import LoraSettings, attach_lora, linear_leaf_names, lora_pairs, lora_weights, scaling
-from .merge import merge_keep_masks, save_adapters
+from .merge import merge_keep_masks
+from .save import mutates_base, save_adapters, save_initial_adapters
 
 __all__ = [
     "LoraSettings",
@@ -10,6 +12,8 @@ __all__ = [
     "lora_pairs",
     "lora_weights",
     "merge_keep_masks",
+    "mutates_base",
     "save_adapters",
+    "save_initial_adapters",
     "scaling",
 ]

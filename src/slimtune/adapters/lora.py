@@ -1,4 +1,4 @@
-"""LoRA-family adapters through PEFT: plain LoRA, rsLoRA, DoRA and PiSSA (METHODS.md §7).
+"""LoRA-family adapters through PEFT: plain LoRA, rsLoRA, DoRA and PiSSA.
 
     W' = W0 + s·B·A,  B [out, r], A [r, in],  s = α/r  (rsLoRA: α/√r, arXiv 2312.03732)
     DoRA  (arXiv 2402.09353): W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row, m starts at ‖W0‖_row
@@ -7,6 +7,7 @@
 `attach_lora` wraps the model in place (PiSSA also rewrites the base weights) and returns the
 `PeftModel`; only adapter parameters stay trainable. `lora_pairs` finds the LoRA layer of every
 adapted decoder projection through the arch spec, for criteria that read A, B and their gradients.
+PiSSA adapters must be saved with `save.save_initial_adapters` right after `attach_lora` (save.py).
 """
 
 from __future__ import annotations
@@ -47,16 +48,22 @@ def linear_leaf_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
-def attach_lora(model: nn.Module, settings: LoraSettings | None = None):
-    """Wrap `model` (in place) with a LoRA-family adapter; returns the `peft.PeftModel`."""
-    from peft import LoraConfig, get_peft_model
-
-    settings = settings or LoraSettings()
+def lora_targets(model: nn.Module, settings: LoraSettings) -> list[str]:
+    """The leaf names to adapt, checked against the model before anything is built."""
     targets = list(settings.targets) if settings.targets is not None else get_arch(model).leaf_names()
     available = linear_leaf_names(model)
     missing = [t for t in targets if t not in available]
     if missing:  # PEFT only complains when *nothing* matches; a typo next to a good name would be silently dropped
         raise SlimtuneError(f"target modules {', '.join(missing)} match nothing in this model; available: {', '.join(available)}")
+    return targets
+
+
+def attach_lora(model: nn.Module, settings: LoraSettings | None = None):
+    """Wrap `model` (in place) with a LoRA-family adapter; returns the `peft.PeftModel`."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = settings or LoraSettings()
+    targets = lora_targets(model, settings)
     config = LoraConfig(
         r=int(settings.r),
         lora_alpha=settings.alpha,

@@ -23,14 +23,6 @@ from ..models.arch import get_arch
 WeightMasks = dict[tuple[int, str], torch.Tensor]  # (layer, projection path) -> bool [out, in], True = kept
 
 
-def save_adapters(peft_model: nn.Module, path) -> None:
-    """Save the adapter alone (PEFT `save_pretrained`). Call it BEFORE `merge_keep_masks`: merging
-    unloads the adapter, after which there is nothing left to save."""
-    if not hasattr(peft_model, "save_pretrained") or not hasattr(peft_model, "peft_config"):
-        raise SlimtuneError("save_adapters needs the PeftModel returned by attach_lora, before merging")
-    peft_model.save_pretrained(str(path))
-
-
 @torch.no_grad()
 def merge_keep_masks(peft_model: nn.Module, masks: StructuredMasks | None = None, weight_masks: WeightMasks | None = None) -> nn.Module:
     """Merge and unload the adapters, then make every pruned unit/weight exactly zero again.

@@ -1,47 +1,49 @@
-"""Importance criteria: one file per criterion, all behind the `Importance` interface (base.py).
+"""Importance criteria: one file per criterion, one registry line each.
 
-    imp = make_importance("taylor", model, variant="element1")
+    imp = make_importance("taylor", model)          # registered name -> class + options
     for batch in batches:
         imp.update(model, batch)
     scores = imp.element_scores()   # {layer: {projection path: [out, in] fp32}}
     imp.remove()
 
-Adding a criterion: subclass `Importance` in a new file and add it to `CRITERIA`.
+Adding a criterion: subclass `Importance` in a new file, declare its capabilities (see base.py),
+and add one `register(...)` line below; `tests/test_criteria.py` then runs the shared contract
+on it once you add its name to the table there. docs/architecture.md walks through an example.
 """
 
 from __future__ import annotations
 
-from ..errors import SlimtuneError
-from ..models.arch import base_weight
-from ..training.loss import causal_lm_loss
-from .base import ElementScores, Importance, projection_weights
+from .base import GRANULARITIES, ElementScores, Importance, projection_weights
 from .block_influence import BlockInfluence
+from .loraprune import LoRAPruneImportance
 from .magnitude import MagnitudeImportance
 from .random import RandomImportance
+from .registry import CRITERIA, Criterion, get_criterion, make_importance, register
 from .taylor import TaylorImportance
 
-CRITERIA: dict[str, type[Importance]] = {
-    cls.name: cls for cls in (RandomImportance, MagnitudeImportance, TaylorImportance, BlockInfluence)
-}
-
-
-def make_importance(name: str, model, **kwargs) -> Importance:
-    cls = CRITERIA.get(name)
-    if cls is None:
-        raise SlimtuneError(f"unknown criterion '{name}'; choose one of {', '.join(sorted(CRITERIA))}")
-    return cls(model, **kwargs)
-
+register("loraprune", LoRAPruneImportance, "LoRA-gradient importance while fine-tuning (LoRAPrune, arXiv 2305.18403)", metric="lora")
+register("grad", LoRAPruneImportance, "the same loop with the true weight gradient: the memory-hungry reference", metric="grad")
+register("taylor", TaylorImportance, "first-order element-wise Taylor |g·w| (LLM-Pruner, arXiv 2305.11627)", variant="element1")
+register("taylor2", TaylorImportance, "Taylor with the Fisher second-order term", variant="element2")
+register("taylor_vector", TaylorImportance, "vector-wise Taylor |Σ g·w| per unit", variant="vector")
+register("magnitude", MagnitudeImportance, "|w| (L1)", p=1)
+register("l2", MagnitudeImportance, "w² (L2)", p=2)
+register("random", RandomImportance, "seeded random scores: the control")
+register("block_influence", BlockInfluence, "1 - cos(x_in, x_out) per layer (ShortGPT, arXiv 2403.03853); layers only")
 
 __all__ = [
     "CRITERIA",
+    "GRANULARITIES",
     "BlockInfluence",
+    "Criterion",
     "ElementScores",
     "Importance",
+    "LoRAPruneImportance",
     "MagnitudeImportance",
     "RandomImportance",
     "TaylorImportance",
-    "base_weight",
-    "causal_lm_loss",
+    "get_criterion",
     "make_importance",
     "projection_weights",
+    "register",
 ]

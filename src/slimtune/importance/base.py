@@ -3,7 +3,15 @@
 A criterion accumulates statistics with `update(model, batch)` and then reports either element
 scores (one fp32 score per weight of every prunable projection, see `ElementScores`) or, for
 layer-level criteria, one score per decoder layer. Higher always means more important.
-`granularity.unit_scores` reduces element scores to heads, channels and layers.
+`reduce.unit_scores` reduces element scores to heads, channels and layers.
+
+Each criterion declares its capabilities as class attributes, and the registry and the pruner
+check them before any work:
+    scores      the granularities it can score: heads, channels, layers, weights (unstructured / N:M)
+    mode        "one_shot" (score once from calibration data) or "progressive" (observe training)
+    needs_data  whether `update` needs calibration batches
+    needs_grad  whether it reads gradients (a backward pass per batch)
+`check_coverage` adds what only an instance knows (e.g. which projections carry a LoRA adapter).
 """
 
 from __future__ import annotations
@@ -26,10 +34,21 @@ def projection_weights(model: nn.Module, spec: ArchSpec) -> Iterator[tuple[int, 
             yield i, path, base_weight(layer.get_submodule(path))
 
 
+GRANULARITIES = ("heads", "channels", "layers", "weights")
+
+
 class Importance:
     name: str = "base"
-    signed: bool = False  # True when scores are signed (g*w): sum per group first, then take |.|
+    scores: frozenset[str] = frozenset(GRANULARITIES)
+    mode: str = "one_shot"
     needs_data: bool = True  # False when update() is a no-op (magnitude, random)
+    needs_grad: bool = False
+    signed: bool = False  # True when scores are signed (g*w): sum per group first, then take |.|
+
+    @classmethod
+    def needs_data_for(cls, options: dict) -> bool:
+        """`needs_data` for the given constructor options (a criterion may vary with them)."""
+        return cls.needs_data
 
     def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
         self.model = model
@@ -37,6 +56,9 @@ class Importance:
 
     def update(self, model: nn.Module, batch: torch.LongTensor) -> None:
         """Accumulate statistics from one batch of token ids [b, L]."""
+
+    def check_coverage(self, units: set[str], layers: list[int]) -> None:
+        """Raise SlimtuneError when this instance cannot score `units` in the prunable `layers`."""
 
     def element_scores(self) -> ElementScores:
         raise NotImplementedError(f"{type(self).__name__} gives no element scores")

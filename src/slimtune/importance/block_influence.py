@@ -16,6 +16,7 @@ from .base import ElementScores, Importance
 
 class BlockInfluence(Importance):
     name = "block_influence"
+    scores = frozenset({"layers"})  # one score per layer: nothing to rank heads, channels or weights by
 
     def __init__(self, model, spec=None):
         super().__init__(model, spec)

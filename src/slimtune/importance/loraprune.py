@@ -1,10 +1,16 @@
-"""LoRAPrune importance (Zhang et al. 2023, arXiv 2305.18403; METHODS.md §2).
+"""LoRAPrune importance (Zhang et al. 2023, arXiv 2305.18403).
 
 The gradient of a frozen base weight W0 is estimated from the LoRA gradients alone. One SGD step
 on A and B moves B·A by −η(G_B·A + B·G_A) + η²·G_B·G_A; the official code takes η = 1:
 
     Ĝ = G_B·A + B·G_A − G_B·G_A         G_A [r, in], G_B [out, r]; s is not divided out
     S = |Ĝ ⊙ (W0 + s·B·A)|              element score (power=2: the squared Taylor form)
+
+DoRA (arXiv 2402.09353) needs no change. PEFT detaches the row norm n = ‖V‖_row of V = W0 + s·B·A
+(the paper's §4.3), so W' = (m/n)⊙V gives G_V = (m/n)⊙G_W' = W0.grad, G_A = s·Bᵀ·G_V and
+G_B = s·G_V·Aᵀ: Ĝ estimates s·G_V exactly as it estimates s·G for plain LoRA, and since m/n is
+one scalar per row, |G_V ⊙ V| = |G_W' ⊙ W'|, the Taylor score of the effective (merged) weight.
+(With dropout > 0, A and B see the dropped inputs while W0 does not, as in plain LoRA.)
 
 S is reduced at once, one projection at a time, to head / channel vectors (granularity.py: per-
 module l2 normalisation, summed per block) and to a layer score (the sum of S), so the state is
@@ -73,8 +79,32 @@ def enable_full_grad(model: nn.Module, spec=None) -> Callable[[], None]:
     return restore
 
 
+def check_adapter_coverage(spec, adapted: set[tuple[int, str]], units: set[str], layers: list[int]) -> None:
+    """Only adapted projections get a LoRA-gradient estimate. A unit none of whose projections
+    carries an adapter would score 0 in every layer and be pruned by index: refuse that.
+    `adapted` holds (layer, projection path) pairs; unstructured pruning needs every projection."""
+    groups = {"heads": (spec.q, spec.k, spec.v, spec.o), "channels": (*spec.mlp_in, spec.mlp_out),
+              "layers": spec.projections(), "weights": spec.projections()}
+    for unit in sorted(units):
+        paths = groups[unit]
+        for i in layers:
+            gap = [p for p in paths if (i, p) not in adapted]
+            if (unit == "weights" and gap) or len(gap) == len(paths):
+                names = ",".join(p.rsplit(".", 1)[-1] for p in gap)
+                raise SlimtuneError(
+                    f"LoRAPrune cannot score {unit}: layer {i} has no LoRA adapter on {names}, so those scores would all be 0 "
+                    f"and units would go by index; add {names} to --lora-targets (default: all seven) or use another --granularity"
+                )
+
+
 class LoRAPruneImportance(Importance):
     name = "loraprune"
+    mode = "progressive"
+    needs_grad = True
+
+    @classmethod
+    def needs_data_for(cls, options: dict) -> bool:
+        return options.get("metric", "lora") != "magnitude"
 
     def __init__(self, model, spec=None, metric: str = "lora", power: int = 1, beta: float = 0.9, keep_elements: bool = False):
         super().__init__(model, spec)
@@ -85,7 +115,7 @@ class LoRAPruneImportance(Importance):
         if not 0.0 <= beta < 1.0:
             raise SlimtuneError(f"LoRAPrune EMA factor {beta} is outside [0, 1); the paper uses 0.9")
         self.metric, self.power, self.beta, self.keep_elements = metric, power, beta, keep_elements
-        self.needs_data = metric != "magnitude"
+        self.needs_data = self.needs_data_for({"metric": metric})
         self._weights = {(i, path): w for i, path, w in projection_weights(model, self.spec)}
         self._lora = {(i, path): m for i, path, m in lora_pairs(model, self.spec)}
         if metric == "lora" and not self._lora:
@@ -96,6 +126,10 @@ class LoRAPruneImportance(Importance):
         self.channels = [torch.zeros(g.intermediate) for g in self.geometry]
         self.layer = torch.zeros(len(self.geometry))
         self.elements: dict[tuple[int, str], torch.Tensor] = {}
+
+    def check_coverage(self, units: set[str], layers: list[int]) -> None:
+        if self.metric == "lora":
+            check_adapter_coverage(self.spec, set(self._lora), units, layers)
 
     # ---- one step's scores ------------------------------------------------------------------
     def _keys(self) -> list[tuple[int, str]]:

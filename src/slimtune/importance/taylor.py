@@ -32,6 +32,7 @@ VARIANTS = ("element1", "element2", "vector")
 
 class TaylorImportance(Importance):
     name = "taylor"
+    needs_grad = True
 
     def __init__(self, model, spec=None, variant: str = "element1", use_hooks: bool = True):
         super().__init__(model, spec)

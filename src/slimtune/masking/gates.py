@@ -9,6 +9,8 @@ only flatten the attention pattern, not remove the head's output.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -17,8 +19,21 @@ from .structured import StructuredMasks
 
 
 class GateHandles:
+    """The hooks of `attach_gates`. While `enabled` is False (see `paused()`) every gate passes its
+    input through unchanged, so the model computes its dense function (e.g. as a distillation teacher)."""
+
     def __init__(self, handles):
         self._handles = handles
+        self.enabled = True
+
+    @contextmanager
+    def paused(self):
+        """Open every gate inside the block; the previous state comes back on exit (nests)."""
+        was, self.enabled = self.enabled, False
+        try:
+            yield self
+        finally:
+            self.enabled = was
 
     def remove(self) -> None:
         for h in self._handles:
@@ -29,16 +44,19 @@ class GateHandles:
 def attach_gates(model: nn.Module, masks: StructuredMasks) -> GateHandles:
     spec = masks.spec
     handles = []
+    state = GateHandles(handles)  # the hooks read state.enabled
     for i, layer in enumerate(spec.decoder_layers(model)):
         hd = masks.geometry[i].head_dim
-        handles.append(layer.get_submodule(spec.o).register_forward_pre_hook(_input_gate(masks, "heads", i, hd)))
-        handles.append(layer.get_submodule(spec.mlp_out).register_forward_pre_hook(_input_gate(masks, "channels", i, 1)))
-        handles.append(layer.register_forward_hook(_layer_gate(masks, i), with_kwargs=True))
-    return GateHandles(handles)
+        handles.append(layer.get_submodule(spec.o).register_forward_pre_hook(_input_gate(masks, "heads", i, hd, state)))
+        handles.append(layer.get_submodule(spec.mlp_out).register_forward_pre_hook(_input_gate(masks, "channels", i, 1, state)))
+        handles.append(layer.register_forward_hook(_layer_gate(masks, i, state), with_kwargs=True))
+    return state
 
 
-def _input_gate(masks: StructuredMasks, kind: str, i: int, repeat: int):
+def _input_gate(masks: StructuredMasks, kind: str, i: int, repeat: int, state: GateHandles):
     def hook(module, args):
+        if not state.enabled:
+            return None
         x = args[0]
         gate = getattr(masks, f"{kind}_{i}")
         if bool((gate == 1).all()):
@@ -50,8 +68,10 @@ def _input_gate(masks: StructuredMasks, kind: str, i: int, repeat: int):
     return hook
 
 
-def _layer_gate(masks: StructuredMasks, i: int):
+def _layer_gate(masks: StructuredMasks, i: int, state: GateHandles):
     def hook(module, args, kwargs, output):
+        if not state.enabled:
+            return None
         gate = masks.layer(i)
         if bool(gate.item() == 1):
             return None

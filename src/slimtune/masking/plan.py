@@ -53,12 +53,19 @@ def layer_plan(masks: StructuredMasks, i: int) -> LayerPlan | None:
     return LayerPlan(heads=heads, kv_heads=kv, channels=channels, head_dim=g.head_dim)
 
 
-def _linear_params(module: nn.Module, rows: int | None, cols: int | None) -> int:
+def linear_params(module: nn.Module, rows: int | None = None, cols: int | None = None) -> int:
+    """Parameters of a Linear (LoRA wrapper ignored) that keeps `rows` outputs and `cols` inputs."""
     base = base_layer(module)
     out_f, in_f = base.weight.shape
     rows = out_f if rows is None else rows
     cols = in_f if cols is None else cols
     return rows * cols + (rows if base.bias is not None else 0)
+
+
+def removal_cost(module: nn.Module, rows: int = 0, cols: int = 0) -> int:
+    """Parameters freed by removing `rows` outputs and `cols` inputs of a Linear."""
+    out_f, in_f = base_layer(module).weight.shape
+    return linear_params(module) - linear_params(module, out_f - rows, in_f - cols)
 
 
 def _slices(spec, plan: LayerPlan) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
@@ -85,6 +92,6 @@ def decoder_param_count(model: nn.Module, masks: StructuredMasks) -> tuple[int, 
         saved = 0
         for path, (r, c) in _slices(spec, plan).items():
             m = layer.get_submodule(path)
-            saved += _linear_params(m, None, None) - _linear_params(m, None if r is None else len(r), None if c is None else len(c))
+            saved += linear_params(m) - linear_params(m, None if r is None else len(r), None if c is None else len(c))
         after += n_layer - saved
     return before, after

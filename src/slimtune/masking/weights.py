@@ -23,6 +23,8 @@ Caveats of the masked forward:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -191,9 +193,36 @@ def _linear_forward(module: nn.Linear, masks: WeightMasks, name: str):
     return forward
 
 
+def _pausable(masked, module: nn.Module, original, state: WeightMaskHandles):
+    """The masked forward while `state.enabled`, else the projection's own forward (dense weight)."""
+
+    def forward(x, *args, **kwargs):
+        if state.enabled:
+            return masked(x, *args, **kwargs)
+        if original is not None:
+            return original(x, *args, **kwargs)
+        return type(module).forward(module, x, *args, **kwargs)
+
+    return forward
+
+
 class WeightMaskHandles:
+    """The patched forwards of `attach_weight_masks`. While `enabled` is False (see `paused()`) every
+    projection runs its own unmasked forward, so the model computes its dense function (e.g. as a
+    distillation teacher)."""
+
     def __init__(self, patched: list[tuple[nn.Module, bool, object, object]]):
         self._patched = patched  # (module, had an instance forward, that forward, ours)
+        self.enabled = True
+
+    @contextmanager
+    def paused(self):
+        """Unmask every projection inside the block; the previous state comes back on exit (nests)."""
+        was, self.enabled = self.enabled, False
+        try:
+            yield self
+        finally:
+            self.enabled = was
 
     def remove(self) -> None:
         """Give every masked projection its own forward back."""
@@ -214,6 +243,7 @@ def attach_weight_masks(model: nn.Module, masks: WeightMasks) -> WeightMaskHandl
 
     layers = masks.spec.decoder_layers(model)
     patched = []
+    state = WeightMaskHandles(patched)  # the forwards read state.enabled
     try:
         for i, path in masks.keys():
             module = layers[i].get_submodule(path)
@@ -234,16 +264,27 @@ def attach_weight_masks(model: nn.Module, masks: WeightMasks) -> WeightMaskHandl
             w = base_weight(module)
             if getattr(masks, name).device != w.device:  # once here, not on every forward
                 setattr(masks, name, getattr(masks, name).to(w.device))
-            forward._slimtune_weight_mask = True
             had = "forward" in module.__dict__
+            forward = _pausable(forward, module, module.__dict__.get("forward"), state)
+            forward._slimtune_weight_mask = True
             patched.append((module, had, module.__dict__.get("forward"), forward))
             module.forward = forward
     except Exception:
-        WeightMaskHandles(patched).remove()
+        state.remove()
         raise
-    return WeightMaskHandles(patched)
+    return state
 
 
 # ---- selection ------------------------------------------------------------------------------------
 
 
+
+
+@torch.no_grad()
+def zero_masked_weights(model: nn.Module, masks: WeightMasks | dict[Key, torch.Tensor]) -> None:
+    """Write exact zeros into every pruned weight (masked_fill: 0·inf would be nan)."""
+    masks = masks.as_dict() if isinstance(masks, WeightMasks) else masks
+    layers = get_arch(model).decoder_layers(model)
+    for (i, path), keep in masks.items():
+        w = base_weight(layers[i].get_submodule(path))
+        w.masked_fill_(~keep.to(device=w.device, dtype=torch.bool), 0.0)

@@ -1,9 +1,7 @@
-"""Granularities: which units are pruned, and how element scores become unit scores.
+"""Granularities: which units are pruned (heads, MLP channels, whole layers, or single weights).
 
-Any criterion that scores weight elements works with any granularity: `head_scores` and
-`channel_scores` reduce an element score matrix per projection to one score per unit. As in the
-official LoRAPrune code, each projection's unit vector is l2-normalised before the projections of
-one block are summed, so q, k, v and o weigh equally (METHODS.md §2).
+Structured units can be mixed ("heads,channels"); "unstructured" and "nm" stand alone and prune
+single weights. How element scores become unit scores lives in `importance/reduce.py`.
 """
 
 from __future__ import annotations
@@ -34,6 +32,16 @@ class Granularity:
     @property
     def names(self) -> list[str]:
         return [n for n in STRUCTURED if getattr(self, n)]
+
+
+WEIGHT_LEVEL = ("unstructured", "nm")
+
+
+def units_of(text: str) -> set[str]:
+    """What a criterion must be able to score for this --granularity: {"heads", ...} or {"weights"}."""
+    if text.strip().lower() in WEIGHT_LEVEL:
+        return {"weights"}
+    return set(parse_granularity(text).names)
 
 
 def parse_granularity(text: str, head_mode: str = "kv_groups") -> Granularity:

@@ -2,7 +2,11 @@
 
 `step(t)` is called after every optimiser step t (1-based). Every `prune_every` steps, and once
 the ramp has ended, it asks the importance for unit scores and grows the masks to the scheduled
-sparsity. Masks act as gates (see gates.py), so they stay applied without touching the weights.
+sparsity. Masks act as gates (masking/gates.py), so they stay applied without touching weights.
+
+Before any work, `make_pruner` checks that the criterion can score the chosen granularity, and
+every selection refuses scores that cannot rank units (missing, non-finite, all equal): choosing
+among ties would prune by index.
 """
 
 from __future__ import annotations
@@ -12,42 +16,58 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import SlimtuneError
+from ..errors import SlimtuneError, check_sparsity
 from ..importance.reduce import unit_scores
 from ..masking.gates import attach_gates
 from ..masking.structured import StructuredMasks
-from .granularity import parse_granularity
-from .schedules import Schedule
+from .granularity import WEIGHT_LEVEL, parse_granularity, units_of
+from .schedules import SCHEDULES, Schedule
 from .selection import default_excluded_layers, select
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
 
 
 @dataclass
 class PruneSettings:
-    sparsity: float = 0.2  # fraction of decoder-layer parameters to remove
-    granularity: str = "heads,channels"
-    head_mode: str = "kv_groups"
-    ranking: str = "local"
-    exclude_layers: list[int] | None = None  # None: first int(0.1 L) layers and the last one
-    layer_share: float = 0.5  # with layers mixed in: share of removed parameters taken as whole layers
-    schedule: str = "cubic"
-    warmup: float = 0.1
-    cooldown: float = 0.1
-    prune_every: int = 10
-    normalise: str = "l2"
-    nm: str = "2:4"  # with granularity "nm": n kept weights in every m consecutive inputs
-    history: list = field(default_factory=list, repr=False)
+    sparsity: float = field(default=0.2, metadata=_help("fraction of decoder-layer parameters to remove, in [0, 1)"))
+    granularity: str = field(default="heads,channels", metadata=_help("heads, channels, layers or a comma-separated mix; or unstructured, or nm (see --nm)"))
+    head_mode: str = field(default="kv_groups", metadata=_help("GQA: remove whole KV groups, or equal numbers of query heads per group", choices=("kv_groups", "q_heads")))
+    ranking: str = field(default="local", metadata=_help("local: the same ratio in every prunable layer; global: layers compete", choices=("local", "global")))
+    exclude_layers: list[int] | None = field(default=None, metadata=_help("comma-separated layer indices never pruned (default: the first 10% of layers, at least one, and the last)"))
+    layer_share: float = field(default=0.5, metadata=_help("with layers in a mix: share of the removal taken as whole layers"))
+    schedule: str = field(default="cubic", metadata=_help("sparsity ramp", choices=SCHEDULES))
+    warmup: float = field(default=0.1, metadata=_help("fraction of steps before pruning starts"))
+    cooldown: float = field(default=0.1, metadata=_help("fraction of steps after the target is reached"))
+    prune_every: int | None = field(default=None, metadata=_help("optimiser steps between mask updates (default: steps/10, at least 1)"))
+    normalise: str = field(default="l2", metadata=_help("per-projection normalisation of unit scores", choices=("l2", "none")))
+    nm: str = field(default="2:4", metadata=_help("with --granularity nm: keep n weights in every m consecutive inputs"))
 
     def __post_init__(self):
-        if not 0.0 <= self.sparsity < 1.0:
-            raise SlimtuneError(f"sparsity {self.sparsity} is outside [0, 1); pass a fraction such as 0.2")
-        if self.prune_every < 1:
-            raise SlimtuneError("--prune-every must be at least 1")
+        check_sparsity(self.sparsity)
+        if self.prune_every is not None and self.prune_every < 1:
+            raise SlimtuneError(f"--prune-every {self.prune_every} must be at least 1")
+        if not 0.0 <= self.layer_share <= 1.0:
+            raise SlimtuneError(f"--layer-share {self.layer_share} is outside [0, 1]; pass a fraction such as 0.5")
         # unstructured / N:M masks live on weights (weight_pruner.py), not on heads or channels
         self.gran = None if self.weight_level else parse_granularity(self.granularity, self.head_mode)
+        if self.granularity.strip().lower() == "nm":
+            from .weight_selection import parse_nm
+
+            parse_nm(self.nm)
 
     @property
     def weight_level(self) -> bool:
-        return self.granularity.strip().lower() in ("unstructured", "nm")
+        return self.granularity.strip().lower() in WEIGHT_LEVEL
+
+    @property
+    def units(self) -> set[str]:
+        """What the criterion must score: {"heads", "channels", "layers"} subsets, or {"weights"}."""
+        return units_of(self.granularity)
+
+    def every(self, total_steps: int) -> int:
+        return self.prune_every or max(1, total_steps // 10)
 
 
 def scores_from(importance, masks: StructuredMasks, normalise: str = "l2") -> list[dict]:
@@ -56,12 +76,44 @@ def scores_from(importance, masks: StructuredMasks, normalise: str = "l2") -> li
     if hasattr(importance, "unit_scores"):
         scores = importance.unit_scores()
     else:
-        scores = unit_scores(masks.spec, masks.geometry, importance.element_scores(), getattr(importance, "signed", False), normalise)
-    layer = importance.layer_scores() if hasattr(importance, "layer_scores") else None
+        elements = importance.element_scores() if importance.scores & {"heads", "channels", "weights"} else {}
+        scores = unit_scores(masks.spec, masks.geometry, elements, importance.signed, normalise)
+    layer = importance.layer_scores()
     if layer is not None:
         for i, s in enumerate(scores):
             s["layer"] = float(layer[i])
     return scores
+
+
+def refuse_ties(name: str, values: torch.Tensor, unit: str, where: str) -> None:
+    """Refuse to rank `values` (the live candidates) when they are missing, non-finite or all
+    equal: any choice among them would be by index, not by importance."""
+    if values.numel() < 2:
+        return
+    problem = None
+    if not bool(torch.isfinite(values).all()):
+        problem = "non-finite"
+    elif bool((values == values[0]).all()):
+        problem = "all zero" if float(values[0]) == 0 else "all equal"
+    if problem:
+        raise SlimtuneError(
+            f"criterion '{name}' gives {problem} {unit} scores {where}, so pruning would go by index; "
+            f"use a criterion that scores {unit} (e.g. taylor or loraprune with adapters on every projection) or another --granularity"
+        )
+
+
+def check_criterion(importance, settings: PruneSettings, layers: list[int]) -> None:
+    """Before any work: the criterion declares it can score these units, and this instance covers them."""
+    from ..importance.registry import CRITERIA
+
+    entry = CRITERIA.get(importance.name)
+    if entry is None or entry.cls is not type(importance):  # an unregistered criterion: read the class
+        missing = settings.units - importance.scores
+        if missing:
+            raise SlimtuneError(f"criterion '{importance.name}' cannot score {', '.join(sorted(missing))}; pick another --granularity")
+    else:
+        entry.check_units(settings.units)
+    importance.check_coverage(settings.units, layers)
 
 
 def make_pruner(model: nn.Module, settings: PruneSettings, importance, total_steps: int = 1):
@@ -73,10 +125,20 @@ def make_pruner(model: nn.Module, settings: PruneSettings, importance, total_ste
     return Pruner(model, settings, importance, total_steps)
 
 
+def excluded_layers(settings: PruneSettings, num_layers: int) -> set[int]:
+    excluded = default_excluded_layers(num_layers) if settings.exclude_layers is None else set(settings.exclude_layers)
+    bad = sorted(i for i in excluded if not 0 <= i < num_layers)
+    if bad:
+        raise SlimtuneError(f"--exclude-layers {bad} out of range; the model has layers 0..{num_layers - 1}")
+    if len(excluded) >= num_layers:
+        raise SlimtuneError(f"--exclude-layers leaves no layer to prune (the model has {num_layers}); exclude fewer layers")
+    return excluded
+
+
 class ScheduledPruner(nn.Module):
     """Schedule bookkeeping shared by the structured and the weight-level pruner.
 
-    Subclasses set `masks` and `gates` and implement `prune_to(sparsity) -> info`.
+    Subclasses set `masks`, `gates` and `excluded`, and implement `prune_to(sparsity) -> info`.
     """
 
     def __init__(self, model: nn.Module, settings: PruneSettings, importance, target: float, total_steps: int):
@@ -85,6 +147,7 @@ class ScheduledPruner(nn.Module):
         self.importance = importance
         self.target = target
         self._model = [model]  # not a submodule: keep it out of state_dict
+        self.prune_every = settings.every(total_steps)
         self.schedule = Schedule(target, max(total_steps, 1), settings.schedule, 0.0, settings.warmup, settings.cooldown)
         self.register_buffer("current", torch.zeros(()))
         self.last_info: dict = {}
@@ -93,13 +156,17 @@ class ScheduledPruner(nn.Module):
     def model(self) -> nn.Module:
         return self._model[0]
 
+    @property
+    def prunable(self) -> list[int]:
+        return [i for i in range(len(self.masks)) if i not in self.excluded]
+
     def prune_to(self, sparsity: float) -> dict:
         raise NotImplementedError
 
     def step(self, t: int) -> dict | None:
         """Call after optimiser step t (1-based). Returns selection info when masks changed."""
         target = self.schedule(t)
-        due = t % self.settings.prune_every == 0 or t >= self.schedule.end
+        due = t % self.prune_every == 0 or t >= self.schedule.end
         if due and target > float(self.current) + 1e-9:
             return self.prune_to(target)
         return None
@@ -117,15 +184,25 @@ class Pruner(ScheduledPruner):
     def __init__(self, model: nn.Module, settings: PruneSettings, importance, total_steps: int = 1):
         super().__init__(model, settings, importance, settings.sparsity, total_steps)
         self.masks = StructuredMasks(model)
-        n = len(self.masks)
-        self.excluded = default_excluded_layers(n) if settings.exclude_layers is None else set(settings.exclude_layers)
-        bad = [i for i in self.excluded if not 0 <= i < n]
-        if bad:
-            raise SlimtuneError(f"--exclude-layers {bad} out of range; the model has layers 0..{n - 1}")
+        self.excluded = excluded_layers(settings, len(self.masks))
+        check_criterion(importance, settings, self.prunable)
         self.gates = attach_gates(model, self.masks)
+
+    def _check_scores(self, scores: list[dict]) -> None:
+        name = getattr(self.importance, "name", type(self.importance).__name__)
+        gran = self.settings.gran
+        alive = [i for i in self.prunable if self.masks.layer(i).item() != 0]
+        for i in alive:
+            if gran.heads:
+                refuse_ties(name, torch.as_tensor(scores[i]["heads"])[self.masks.heads(i).bool().cpu()], "head", f"in layer {i}")
+            if gran.channels:
+                refuse_ties(name, torch.as_tensor(scores[i]["channels"])[self.masks.channels(i).bool().cpu()], "channel", f"in layer {i}")
+        if gran.layers:
+            refuse_ties(name, torch.tensor([float(scores[i]["layer"]) for i in alive]), "layer", "across the prunable layers")
 
     def prune_to(self, sparsity: float) -> dict:
         scores = scores_from(self.importance, self.masks, self.settings.normalise)
+        self._check_scores(scores)
         info = select(
             self.model, self.masks, scores, self.settings.gran, sparsity,
             ranking=self.settings.ranking, excluded=self.excluded, layer_share=self.settings.layer_share,

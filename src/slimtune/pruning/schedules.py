@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import SlimtuneError
+from ..errors import SlimtuneError, check_sparsity
+
+SCHEDULES = ("cubic", "linear", "constant")
 
 
 @dataclass(frozen=True)
@@ -21,10 +23,9 @@ class Schedule:
     cooldown: float = 0.1  # fraction of total steps after the ramp ends
 
     def __post_init__(self):
-        if not 0.0 <= self.final < 1.0:
-            raise SlimtuneError(f"sparsity {self.final} is outside [0, 1); pass a fraction such as 0.2")
-        if self.kind not in ("cubic", "linear", "constant"):
-            raise SlimtuneError(f"unknown schedule '{self.kind}'; choose cubic, linear or constant")
+        check_sparsity(self.final)
+        if self.kind not in SCHEDULES:
+            raise SlimtuneError(f"unknown schedule '{self.kind}'; choose {', '.join(SCHEDULES)}")
         if not (0 <= self.warmup and 0 <= self.cooldown and self.warmup + self.cooldown < 1):
             raise SlimtuneError("warmup + cooldown fractions must be non-negative and sum to less than 1")
         if self.kind != "constant" and self.ramp_steps < 1:

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import SlimtuneError
-from ..masking.plan import decoder_param_count
+from ..errors import SlimtuneError, check_sparsity
+from ..masking.plan import decoder_param_count, removal_cost
 from ..masking.structured import StructuredMasks
-from ..models.arch import base_layer, own_params
+from ..models.arch import own_params
 from .granularity import Granularity
 
 PRUNED = -math.inf
@@ -38,23 +38,17 @@ class Candidate:
 
 
 def default_excluded_layers(num_layers: int) -> set[int]:
-    """LoRAPrune's default: never prune the first int(0.1 L) layers nor the last one."""
-    return set(range(int(0.1 * num_layers))) | {num_layers - 1}
-
-
-def _lin_cost(module: nn.Module, rows: int = 0, cols: int = 0) -> int:
-    base = base_layer(module)
-    out_f, in_f = base.weight.shape
-    bias = base.bias is not None
-    return rows * (in_f + bias) + cols * out_f
+    """LoRAPrune's default: never prune the first int(0.1 L) layers nor the last one. At least the
+    first layer is kept even when 10% rounds to none (a 4-layer model)."""
+    return set(range(max(1, int(0.1 * num_layers)))) | {num_layers - 1}
 
 
 def _costs(masks: StructuredMasks, layer: nn.Module, i: int) -> dict[str, int]:
     spec, g = masks.spec, masks.geometry[i]
     hd = g.head_dim
-    q_head = _lin_cost(layer.get_submodule(spec.q), rows=hd) + _lin_cost(layer.get_submodule(spec.o), cols=hd)
-    kv = _lin_cost(layer.get_submodule(spec.k), rows=hd) + _lin_cost(layer.get_submodule(spec.v), rows=hd)
-    channel = sum(_lin_cost(layer.get_submodule(p), rows=1) for p in spec.mlp_in) + _lin_cost(layer.get_submodule(spec.mlp_out), cols=1)
+    q_head = removal_cost(layer.get_submodule(spec.q), rows=hd) + removal_cost(layer.get_submodule(spec.o), cols=hd)
+    kv = removal_cost(layer.get_submodule(spec.k), rows=hd) + removal_cost(layer.get_submodule(spec.v), rows=hd)
+    channel = sum(removal_cost(layer.get_submodule(p), rows=1) for p in spec.mlp_in) + removal_cost(layer.get_submodule(spec.mlp_out), cols=1)
     return {"q_head": q_head, "kv": kv, "channel": channel, "layer": own_params(layer)}
 
 
@@ -186,8 +180,7 @@ def select(
     `final_sparsity` is the target a progressive schedule is heading to (defaults to `sparsity`);
     local ranking uses it to ramp heads and channels together (see `_head_plan`).
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise SlimtuneError(f"sparsity {sparsity} is outside [0, 1); pass a fraction such as 0.2")
+    check_sparsity(sparsity)
     if ranking not in ("local", "global"):
         raise SlimtuneError(f"unknown ranking '{ranking}'; choose local or global")
     excluded = default_excluded_layers(len(masks)) if excluded is None else set(excluded)
@@ -243,7 +236,10 @@ def select(
             f"sparsity {sparsity:.3f} is not reachable with granularity {','.join(gran.names)} "
             f"(at most {achieved:.3f} of decoder parameters without emptying a layer); add channels, prune fewer excluded layers, or lower --sparsity"
         )
-    return {"target": sparsity, "achieved": achieved, "decoder_params_before": before, "decoder_params_after": after}
+    # units are discrete: a target can be missed by a fraction of one unit's cost, or by more when
+    # the granularity runs out of units; the caller reports any shortfall instead of hiding it
+    return {"target": sparsity, "achieved": achieved, "shortfall": max(0.0, sparsity - achieved),
+            "decoder_params_before": before, "decoder_params_after": after}
 
 
 def _solve_local(queues, budget, gran, costs, head_plan) -> list[Candidate]:

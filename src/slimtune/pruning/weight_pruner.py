@@ -14,8 +14,7 @@ from torch import nn
 from ..errors import SlimtuneError
 from ..masking.weights import WeightMasks, attach_weight_masks
 from ..models.arch import base_layer, own_params
-from .pruner import ScheduledPruner
-from .selection import default_excluded_layers
+from .pruner import ScheduledPruner, check_criterion, excluded_layers, refuse_ties
 from .weight_selection import module_fraction_for, parse_nm, select_nm, select_unstructured
 
 
@@ -36,8 +35,7 @@ class WeightPruner(ScheduledPruner):
         from ..models.arch import get_arch
 
         spec = get_arch(model)
-        n = len(spec.decoder_layers(model))
-        excluded = default_excluded_layers(n) if settings.exclude_layers is None else set(settings.exclude_layers)
+        excluded = excluded_layers(settings, len(spec.decoder_layers(model)))
         nm = parse_nm(settings.nm) if settings.granularity == "nm" else None
         if nm is not None:
             # N:M fixes the fraction of every masked module; express it as a decoder-level target
@@ -49,12 +47,22 @@ class WeightPruner(ScheduledPruner):
         super().__init__(model, settings, importance, target, total_steps)
         self.excluded, self.nm = excluded, nm
         self.masks = WeightMasks(model, spec, excluded=excluded)
+        check_criterion(importance, settings, self.prunable)
         self.gates = attach_weight_masks(model, self.masks)
 
+    @property
+    def prunable(self) -> list[int]:
+        return sorted({i for i, _ in self.masks.keys()})
+
     def _scores(self):
+        name = getattr(self.importance, "name", "?")
         scores = self.importance.element_scores()
         if not scores:
-            raise SlimtuneError(f"criterion '{getattr(self.importance, 'name', '?')}' gives no per-weight scores, so it cannot drive unstructured or N:M pruning; use loraprune, taylor or magnitude")
+            raise SlimtuneError(f"criterion '{name}' gives no per-weight scores, so it cannot drive unstructured or N:M pruning; use loraprune, taylor or magnitude")
+        for i, path in self.masks.keys():
+            s = scores.get(i, {}).get(path)
+            if s is not None:
+                refuse_ties(name, s[self.masks.mask(i, path).to(s.device)].flatten(), "weight", f"in layer {i} {path}")
         return scores
 
     def prune_to(self, sparsity: float) -> dict:

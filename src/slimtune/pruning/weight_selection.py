@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import SlimtuneError
+from ..errors import SlimtuneError, check_sparsity
 from ..importance.base import ElementScores
 from ..masking.weights import Key, WeightMasks
 from ..models.arch import ArchSpec, base_weight, get_arch, own_params
@@ -38,8 +38,7 @@ def _check_nm(n: int, m: int) -> None:
 def module_fraction_for(model: nn.Module, spec: ArchSpec | None = None, excluded=frozenset(), sparsity: float = 0.0) -> float:
     """The fraction p of every masked projection to prune so that the pruned weights make
     `sparsity` of all decoder-layer parameters: p = sparsity · decoder_params / prunable_params."""
-    if not 0.0 <= sparsity < 1.0:
-        raise SlimtuneError(f"sparsity {sparsity} is outside [0, 1); pass a fraction such as 0.5")
+    check_sparsity(sparsity)
     spec = spec or get_arch(model)
     layers = spec.decoder_layers(model)
     total = sum(own_params(layer) for layer in layers)
@@ -83,8 +82,7 @@ def select_unstructured(masks: WeightMasks, scores: dict[Key, torch.Tensor] | El
     """Prune the int(numel·p) lowest-scoring weights of every masked projection (per_row: int(in·p)
     in every output row); ties go to the lower index. Returns {"pruned", "masked"} weight counts."""
     p = sparsity_in_module
-    if not 0.0 <= p < 1.0:
-        raise SlimtuneError(f"module sparsity {p} is outside [0, 1); pass a fraction such as 0.5")
+    check_sparsity(p, "module sparsity")
     flat = _flat_scores(scores)
     for key in masks.keys():
         keep = masks.mask(*key)

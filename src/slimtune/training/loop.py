@@ -1,7 +1,8 @@
-"""The training loop of the CLI, and a `TrainerCallback` for users' own Trainer scripts.
+"""slimtune's own training loop (the CLI and `prune_` use it; users' Trainers use callback.py).
 
-Both call the same components in the same order, once per optimiser step:
+Both run the per-step order of training/step.py once per optimiser step:
     backward -> clip -> importance.observe(model) -> optimizer.step() -> pruner.step(t)
+The learning rate warms up linearly and then follows `lr_schedule` (transformers' schedulers).
 Checkpoints hold the trainable (LoRA) weights, the optimiser and LR-scheduler state, the masks, the
 importance EMA and the RNG state, so `--resume` reproduces an uninterrupted run exactly.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,44 +23,64 @@ from ..errors import SlimtuneError
 from ..io import atomic_write_bytes
 from ..models.arch import unwrap
 from .loss import causal_lm_loss
+from .step import PruneStep
 
 CHECKPOINT = "checkpoint.pt"
 
 
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
 @dataclass
 class TrainSettings:
-    steps: int = 24
-    batch_size: int = 2  # micro-batch
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 2
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    checkpoint_every: int = 10
+    steps: int = field(default=24, metadata=_help("optimiser steps of LoRA fine-tuning"))
+    batch_size: int = field(default=2, metadata=_help("micro-batch size (sequences)"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimiser step"))
+    lr: float = field(default=5e-4, metadata=_help("peak learning rate (AdamW)"))
+    lr_schedule: str = field(default="cosine", metadata=_help("decay after warm-up", choices=LR_SCHEDULES))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay of the adapter weights"))
+    warmup_steps: int = field(default=2, metadata=_help("linear LR warm-up steps"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm"))
+    seed: int = field(default=0, metadata=_help("seed of LoRA init, dropout and batch order"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward to save memory"))
+    mixed_precision: str = field(default="no", metadata=_help("autocast dtype", choices=("no", "bf16", "fp16")))
+    checkpoint_every: int = field(default=10, metadata=_help("optimiser steps between resumable checkpoints (0 = none)"))
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
-                raise SlimtuneError(f"--{name.replace('_', '-')} must be at least 1")
+                raise SlimtuneError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        for name in ("warmup_steps", "checkpoint_every", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise SlimtuneError(f"--{name.replace('_', '-')} {getattr(self, name)} must not be negative")
         if not self.lr > 0:
             raise SlimtuneError(f"--lr must be positive, got {self.lr}")
+        if not self.max_grad_norm > 0:
+            raise SlimtuneError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise SlimtuneError(f"unknown --mixed-precision '{self.mixed_precision}'; choose no, bf16 or fp16")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise SlimtuneError(f"unknown --lr-schedule '{self.lr_schedule}'; choose {', '.join(LR_SCHEDULES)}")
+
+
+def check_precision(model: nn.Module, mode: str) -> None:
+    """Refuse a --mixed-precision the model's device cannot run, before any work."""
+    device = next(model.parameters()).device
+    if device.type == "cuda" and mode == "bf16" and not torch.cuda.is_bf16_supported():
+        raise SlimtuneError("this GPU does not support bf16; use --mixed-precision fp16 or no")
+    if device.type == "cpu" and mode == "fp16":
+        raise SlimtuneError("fp16 autocast needs a GPU; use --mixed-precision bf16 or no on CPU")
 
 
 def _autocast(model: nn.Module, mode: str):
     device = next(model.parameters()).device
     if mode == "no":
         return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    if device.type == "cuda" and mode == "bf16" and not torch.cuda.is_bf16_supported():
-        raise SlimtuneError("this GPU does not support bf16; use --mixed-precision fp16 or no")
-    if device.type == "cpu" and mode == "fp16":
-        raise SlimtuneError("fp16 autocast needs a GPU; use --mixed-precision bf16 or no on CPU")
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -68,6 +89,14 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def lr_scheduler(optimizer, settings: TrainSettings):
+    """Linear warm-up to `lr`, then `lr_schedule` down to 0 at the last step (transformers' schedulers)."""
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if settings.lr_schedule == "constant" else settings.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps)
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -80,6 +109,7 @@ class Trainer:
     def __init__(self, model, tokens: torch.Tensor, settings: TrainSettings, importance=None, pruner=None, checkpoint_dir=None):
         self.model, self.tokens, self.s = model, tokens, settings
         self.importance, self.pruner = importance, pruner
+        self.prune_step = PruneStep(importance, pruner)
         self.checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
         # fixed at construction: weights that get .grad later only for importance (metric "grad")
         # are observed, never trained, and are not checkpointed
@@ -87,10 +117,10 @@ class Trainer:
         if not self.params:
             raise SlimtuneError("nothing to train: no parameter requires grad (were LoRA adapters attached?)")
         self.opt = torch.optim.AdamW(list(self.params.values()), lr=settings.lr, weight_decay=settings.weight_decay)
-        warm = max(settings.warmup_steps, 0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: min(1.0, (t + 1) / (warm + 1)))
+        self.sched = lr_scheduler(self.opt, settings)
         self.step = 0
         self.history: list[dict] = []
+        check_precision(model, settings.mixed_precision)
         self.scaler = torch.amp.GradScaler(enabled=settings.mixed_precision == "fp16")
         if settings.gradient_checkpointing:
             base = unwrap(model)
@@ -107,8 +137,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "pruner": self.pruner.state_dict() if self.pruner is not None else None,
-            "importance": self.importance.state_dict() if hasattr(self.importance, "state_dict") else None,
+            **self.prune_step.state_dict(),
             "history": self.history,
             "rng": torch.get_rng_state(),
         }
@@ -134,10 +163,7 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        if self.pruner is not None and state["pruner"] is not None:
-            self.pruner.load_state_dict(state["pruner"])
-        if state["importance"] is not None and hasattr(self.importance, "load_state_dict"):
-            self.importance.load_state_dict(state["importance"])
+        self.prune_step.load_state_dict(state)
         self.history = state["history"]
         self.step = state["step"]
         torch.set_rng_state(state["rng"])
@@ -160,8 +186,7 @@ class Trainer:
             total += loss.item()
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.max_grad_norm)
-        if self.importance is not None and hasattr(self.importance, "observe"):
-            self.importance.observe(model)
+        self.prune_step.before_optimizer(model)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
@@ -174,8 +199,8 @@ class Trainer:
         bar = tqdm(total=s.steps, initial=self.step, desc="prune+finetune", disable=not progress, dynamic_ncols=True)
         while self.step < s.steps:
             loss = self.train_step()
-            info = self.pruner.step(self.step) if self.pruner is not None else None
-            sparsity = float(self.pruner.current) if self.pruner is not None else 0.0
+            info = self.prune_step.after_optimizer(self.step)
+            sparsity = self.prune_step.sparsity
             row = {"step": self.step, "loss": loss, "sparsity": sparsity, "lr": self.sched.get_last_lr()[0]}
             if info is not None:
                 row["achieved"] = info["achieved"]

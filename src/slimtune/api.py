@@ -1,0 +1,214 @@
+"""One verb: `prune_(model, config, data)` prunes `model` in place and returns what happened.
+
+    import slimtune
+    result = slimtune.prune_(model, slimtune.LoRAPruneConfig(), data=train_tokens)
+    result.model.save_pretrained("pruned")        # or slimtune.export.save_model(result.model, ...)
+
+A registry maps config types to handlers (`@handler(ConfigType)`), in the style of torchao's
+`quantize_`. Inside a user's own `transformers.Trainer`, `PruneSession` gives the same method in
+three calls: create the session, train with `session.callback`, `session.finish()`.
+
+Every check that needs the model but no work (architecture, criterion against granularity,
+adapter coverage, N:M widths, the schedule) runs in `check_config` before anything is computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import attach_lora, merge_keep_masks
+from .adapters.lora import lora_targets
+from .config import LoRAPruneConfig, MethodConfig, OneShotConfig
+from .data import batch_at
+from .errors import SlimtuneError
+from .export import shrink_
+from .importance.loraprune import check_adapter_coverage, enable_full_grad
+from .importance.registry import get_criterion
+from .masking.weights import zero_masked_weights
+from .models.arch import get_arch
+from .pruning.pruner import excluded_layers, make_pruner
+from .pruning.schedules import Schedule
+from .training.callback import PruneCallback
+from .training.loop import Trainer, check_precision
+
+HANDLERS: dict[type, Callable] = {}
+
+
+def handler(config_type: type):
+    def register(fn):
+        HANDLERS[config_type] = fn
+        return fn
+
+    return register
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module  # the pruned HF model (merged, shrunk unless weight-level)
+    masks: object  # StructuredMasks or WeightMasks
+    sparsity: dict  # target, achieved, shortfall, decoder params before/after
+    history: list[dict] = field(default_factory=list)
+    shrink: dict = field(default_factory=dict)
+    importance_skipped_updates: int = 0
+
+    @property
+    def weight_level(self) -> bool:
+        return not hasattr(self.masks, "per_layer")
+
+
+def check_config(model: nn.Module, config: MethodConfig) -> None:
+    """Everything that can be refused without doing any work, given the model."""
+    spec = get_arch(model)
+    n = len(spec.decoder_layers(model))
+    s = config.prune
+    prunable = sorted(set(range(n)) - excluded_layers(s, n))
+    if config.uses_lora:
+        check_precision(model, config.train.mixed_precision)
+    if config.steps > 0 and config.mode == "progressive":
+        Schedule(s.sparsity, config.steps, s.schedule, 0.0, s.warmup, s.cooldown)  # reachable?
+    if config.uses_lora:
+        targets = set(lora_targets(model, config.lora))
+    if get_criterion(config.criterion).options.get("metric") == "lora":
+        adapted = {(i, p) for i in range(n) for p in spec.projections() if p.rsplit(".", 1)[-1] in targets}
+        check_adapter_coverage(spec, adapted, s.units, prunable)
+    if s.granularity.strip().lower() == "nm":
+        from .pruning.weight_selection import parse_nm
+
+        _, m = parse_nm(s.nm)
+        for i in prunable:
+            for p in spec.projections():
+                width = spec.decoder_layers(model)[i].get_submodule(p).in_features
+                if width % m:
+                    raise SlimtuneError(f"--nm {s.nm}: layer {i} {p} has {width} inputs, not a multiple of {m}; pick an m that divides it or exclude that layer")
+
+
+def prune_(model: nn.Module, config: MethodConfig, data: torch.Tensor | None = None, *, work_dir: str | Path | None = None,
+           resume: bool = False, progress: bool = True, adapter_dir: str | Path | None = None, base_name: str | None = None) -> PruneResult:
+    """Prune `model` in place with the method `config` describes, on token windows `data` [n, L].
+
+    work_dir: checkpoints (and PiSSA's initial adapter) for `resume`; adapter_dir: where to save the
+    trained adapter (for the unpruned base, PEFT format) before it is merged; base_name: the base
+    model's name recorded in that adapter's config.
+    """
+    fn = next((HANDLERS[c] for c in type(config).__mro__ if c in HANDLERS), None)
+    if fn is None:
+        raise SlimtuneError(f"no pruning method is registered for {type(config).__name__}; use one of {', '.join(c.__name__ for c in HANDLERS)}")
+    check_config(model, config)
+    if data is None and (config.uses_lora or get_criterion(config.criterion).needs_data):
+        raise SlimtuneError(f"{type(config).__name__} with criterion '{config.criterion}' needs data: pass data=token windows [n, seq_len]")
+    return fn(model, config, data, _Run(work_dir, resume, progress, adapter_dir, base_name))
+
+
+@dataclass
+class _Run:
+    work_dir: str | Path | None
+    resume: bool
+    progress: bool
+    adapter_dir: str | Path | None
+    base_name: str | None
+
+    @property
+    def initial_dir(self) -> Path | None:
+        return Path(self.work_dir) / "initial_adapter" if self.work_dir else None
+
+
+def _attach(model, config: MethodConfig, run: _Run):
+    torch.manual_seed(config.train.seed)  # LoRA init, dropout: a rerun (or --resume) with the same seed is identical
+    net = attach_lora(model, config.lora)
+    if run.initial_dir is not None:
+        from .adapters import save_initial_adapters
+
+        save_initial_adapters(net, run.initial_dir)
+    return net
+
+
+def _train(net, data, config: MethodConfig, importance, pruner, run: _Run) -> list[dict]:
+    settings = copy.copy(config.train)
+    settings.steps = config.steps
+    trainer = Trainer(net, data, settings, importance, pruner, checkpoint_dir=run.work_dir)
+    if config.criterion == "grad":  # after the Trainer took its parameters: W0 gets .grad, is never trained
+        enable_full_grad(net)
+    if run.resume and not trainer.load_checkpoint():
+        raise SlimtuneError(f"nothing to resume: no checkpoint in {run.work_dir}; run without --resume")
+    return trainer.run(progress=run.progress)
+
+
+def _finish(model, net, pruner, history, run: _Run, importance=None) -> PruneResult:
+    """Fix the masks, save and merge the adapters keeping every pruned weight zero, shrink."""
+    info = pruner.finalize()
+    masks = pruner.masks
+    pruner.remove_gates()
+    weight_level = not hasattr(masks, "per_layer")
+    if net is not None:
+        if run.adapter_dir is not None:
+            from .adapters import save_adapters
+
+            save_adapters(net, run.adapter_dir, initial_dir=run.initial_dir, base_name=run.base_name)
+        model = merge_keep_masks(net, None if weight_level else masks, weight_masks=masks.as_dict() if weight_level else None)
+    elif weight_level:
+        zero_masked_weights(model, masks)
+    # unstructured / N:M keep their shapes (zeros stored densely); structured units are sliced out
+    shrink_info = {} if weight_level else shrink_(model, masks)
+    model.eval()
+    skipped = getattr(importance, "skipped", 0) if importance is not None else 0
+    return PruneResult(model, masks, info, history, shrink_info, skipped)
+
+
+@handler(LoRAPruneConfig)
+def _progressive(model, config: LoRAPruneConfig, data, run: _Run) -> PruneResult:
+    net = _attach(model, config, run)
+    importance = get_criterion(config.criterion).build(net, keep_elements=config.prune.weight_level)
+    pruner = make_pruner(net, config.prune, importance, total_steps=config.steps)
+    history = _train(net, data, config, importance, pruner, run)
+    return _finish(model, net, pruner, history, run, importance)
+
+
+@handler(OneShotConfig)
+def _one_shot(model, config: OneShotConfig, data, run: _Run) -> PruneResult:
+    # adapters first: gates hook the (wrapped) projections, so they gate the LoRA branch too
+    net = _attach(model, config, run) if config.uses_lora else model
+    entry = get_criterion(config.criterion)
+    importance = entry.build(net)
+    if entry.needs_data:
+        device = next(net.parameters()).device
+        for b in range(config.calib_batches):
+            importance.update(net, batch_at(data, config.train.batch_size, config.train.seed + 1, b).to(device))
+    pruner = make_pruner(net, config.prune, importance, total_steps=1)
+    pruner.finalize()
+    importance.remove()
+    history = _train(net, data, config, None, pruner, run) if config.uses_lora else []
+    return _finish(model, net if config.uses_lora else None, pruner, history, run)
+
+
+class PruneSession:
+    """LoRAPrune inside your own `transformers.Trainer`, in three calls:
+
+        session = PruneSession(model, LoRAPruneConfig(...), total_steps=max_steps)
+        Trainer(model=session.model, args=args, train_dataset=ds, callbacks=[session.callback]).train()
+        result = session.finish(adapter_dir="adapters")   # merged, shrunk model in result.model
+    """
+
+    def __init__(self, model: nn.Module, config: LoRAPruneConfig, total_steps: int):
+        if not isinstance(config, LoRAPruneConfig):
+            raise SlimtuneError(f"PruneSession runs progressive methods (LoRAPruneConfig); for {type(config).__name__} call prune_")
+        check_config(model, config)
+        self._base, self.config = model, config
+        # PiSSA converts its adapter against the initial one at save time: keep that in a temp dir
+        self._run = _Run(tempfile.mkdtemp(prefix="slimtune-session-"), False, False, None, None)
+        self.model = _attach(model, config, self._run)
+        self.importance = get_criterion(config.criterion).build(self.model, keep_elements=config.prune.weight_level)
+        self.pruner = make_pruner(self.model, config.prune, self.importance, total_steps=total_steps)
+        if config.criterion == "grad":
+            enable_full_grad(self.model)
+        self.callback = PruneCallback(self.pruner, self.importance)
+
+    def finish(self, adapter_dir: str | Path | None = None, base_name: str | None = None) -> PruneResult:
+        self._run.adapter_dir, self._run.base_name = adapter_dir, base_name
+        return _finish(self._base, self.model, self.pruner, [], self._run, self.importance)

@@ -1,0 +1,81 @@
+"""Method configs: one dataclass per pruning method, made of the shared settings sections.
+
+    LoRAPruneConfig   progressive: importance observed while LoRA fine-tunes (loraprune, grad)
+    OneShotConfig     score once on calibration batches, prune, then LoRA recovery (taylor, ...)
+
+`slimtune.prune_(model, config, data)` dispatches on the config's type (api.py). The CLI is
+generated from these same dataclasses (cli_gen.py), so every default is written once, here or
+in the section it comes from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .adapters.lora import LoraSettings
+from .errors import SlimtuneError
+from .importance.registry import get_criterion
+from .pruning.pruner import PruneSettings
+from .training.loop import TrainSettings
+
+
+@dataclass
+class MethodConfig:
+    prune: PruneSettings = field(default_factory=PruneSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    criterion: str = "loraprune"
+    mode = "progressive"  # which registered criteria this config accepts
+
+    def __post_init__(self):
+        entry = get_criterion(self.criterion)
+        if entry.mode != self.mode:
+            raise SlimtuneError(f"criterion '{self.criterion}' is {entry.mode.replace('_', '-')}; use {config_for(self.criterion).__name__} for it")
+        entry.check_units(self.prune.units)  # before any model is loaded
+        if self.prune.weight_level and self.lora.variant == "dora" and self.uses_lora:
+            raise SlimtuneError("unstructured and N:M masks act on the merged weight, which DoRA renormalises; use --lora-variant lora, rslora or pissa")
+
+    @property
+    def uses_lora(self) -> bool:
+        return True
+
+    @property
+    def steps(self) -> int:
+        return self.train.steps
+
+
+@dataclass
+class LoRAPruneConfig(MethodConfig):
+    """LoRAPrune (arXiv 2305.18403): prune progressively while fine-tuning LoRA adapters."""
+
+    criterion: str = "loraprune"
+
+
+@dataclass
+class OneShotConfig(MethodConfig):
+    """Score once on calibration data, prune to the target, then recover with LoRA."""
+
+    criterion: str = "taylor"
+    calib_batches: int = 4
+    recover_steps: int | None = None  # None: train.steps; 0: no recovery
+    mode = "one_shot"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.calib_batches < 1:
+            raise SlimtuneError(f"--calib-batches {self.calib_batches} must be at least 1")
+        if self.recover_steps is not None and self.recover_steps < 0:
+            raise SlimtuneError(f"--recover-steps {self.recover_steps} must not be negative (0 = no recovery)")
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.steps > 0
+
+    @property
+    def steps(self) -> int:
+        return self.train.steps if self.recover_steps is None else self.recover_steps
+
+
+def config_for(criterion: str) -> type[MethodConfig]:
+    """The config type that runs a registered criterion."""
+    return LoRAPruneConfig if get_criterion(criterion).mode == "progressive" else OneShotConfig

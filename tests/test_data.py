@@ -242,9 +242,25 @@ def test_hub_aliases_map_names_fields_and_splits(monkeypatch):
 
 def test_hub_dataset_with_only_train_is_hash_split(monkeypatch):
     docs = _documents(40)
-    only_train = {"train": table(id=["x"] * 40, body=docs)}  # the text column is found by its length
+    only_train = {"train": table(id=["x"] * 40, text=docs)}
     fake_datasets(monkeypatch, lambda *a, **k: only_train)
     _check_hash_split({s: load_texts("someone/corpus", s) for s in SPLITS}, docs)
+
+
+def test_a_folder_without_text_field_is_refused_like_the_file(tmp_path, monkeypatch):
+    """`--data DIR` (read by `datasets`) and `--data DIR/file.jsonl` treat a missing "text" alike:
+    no training on a guessed column, one line naming the fields found and the fix."""
+    docs = _documents(20)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    rows = [{"title": f"t{i}", "body": d} for i, d in enumerate(docs)]
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tables = {"train": table(title=[r["title"] for r in rows], body=docs)}  # before the fake module
+    fake_datasets(monkeypatch, lambda *a, **k: tables)
+    for source in (folder, folder / "data.jsonl"):
+        with pytest.raises(SlimtuneError, match='no (string )?"text" (column|field).*title, body.*"text"') as err:
+            load_texts(str(source), "train")
+        assert "\n" not in str(err.value)
 
 
 # --- packing ----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .evaluate.machine import machine_info, utc_now
 from .evaluate.prune_report import write_report
 from .export import save_model
 from .importance import CRITERIA
-from .io import check_writable_parent
+from .io import check_output_dir, check_writable_parent
 from .models import get_arch, load_model
 from .pruning.pruner import PruneSettings
 from .runtime import check_seq_len, pick_device
@@ -117,13 +117,6 @@ def apply_preset(values: dict, name: str) -> dict:
     return {**PRESETS[name], **values}
 
 
-def _check_out(job: PruneJob) -> Path:
-    out = check_writable_parent(job.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not job.overwrite:
-        raise SlimtuneError(f"output directory {out} exists and is not empty; pass --overwrite or choose another --out")
-    return out
-
-
 def _evaluate(model, tokens, job: EvalJob, label: str, progress: bool) -> dict:
     spec = get_arch(model)
     if progress:
@@ -149,7 +142,8 @@ def run_eval(job: EvalJob) -> dict:
 
 def run_prune(job: PruneJob, progress: bool = True) -> dict:
     t0 = time.time()
-    out = _check_out(job)
+    # never a regular file, the input model or data, or a directory slimtune did not write
+    out = check_output_dir(job.out, job.overwrite, [job.model, job.data])
     work = out.parent / f".{out.name}.work"  # checkpoints live here until the job succeeds
     if job.resume and not (work / "checkpoint.pt").is_file():
         raise SlimtuneError(f"nothing to resume: no checkpoint in {work}; run without --resume")

@@ -98,7 +98,9 @@ def _jsonl_documents(path: Path, raw: str) -> list[str]:
         except json.JSONDecodeError as exc:
             raise SlimtuneError(f"{path} line {number} is not valid JSON ({exc.msg}); fix or remove that line") from exc
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise SlimtuneError(f'{path} line {number} has no string "text" field; write one {{"text": ...}} per line')
+            found = f"fields: {', '.join(record)}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+            raise SlimtuneError(f'{path} line {number} has no string "text" field ({found}); '
+                                'write one {"text": ...} object per line, renaming your text field to "text"')
         if record["text"].strip():
             docs.append(record["text"])
     if not docs:
@@ -149,17 +151,16 @@ def _load_hub(name: str, split: str) -> list[str]:
 
 
 def _documents(table, spec: _HubDataset, name: str) -> list[str]:
-    """Rows of the text column (`spec.field`, else the wordiest string column) as documents."""
+    """Rows of the text column `spec.field` ("text" except for the aliases) as documents.
+
+    No guessing: the column used is the one named, for a dataset, a folder (`--data DIR`, read by
+    `datasets`) and a .jsonl file alike, so every source trains on the same field.
+    """
     columns = list(table.column_names)
-    field = spec.field
-    if field not in columns:
-        strings = [c for c in columns if getattr(table.features.get(c), "dtype", None) in ("string", "large_string")]
-        if not strings:
-            raise SlimtuneError(f"dataset {name!r} has no text column (columns: {', '.join(columns)}); {_FIX}")
-        # An "id" or "label" column is a string too; the text is the column with the most characters.
-        head = table[:100]  # {column: first rows}, without reading whole columns
-        field = max(strings, key=lambda c: sum(len(row or "") for row in head[c]))
-    rows = [row or "" for row in table[field]]
+    if spec.field not in columns:
+        raise SlimtuneError(f'dataset {name!r} has no "{spec.field}" column (columns: {", ".join(columns)}); '
+                            f'rename the text column to "{spec.field}", or {_FIX}')
+    rows = [row or "" for row in table[spec.field]]
     if spec.join is not None:
         return [spec.join.join(rows)]
     return [row for row in rows if row.strip()]

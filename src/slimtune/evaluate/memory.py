@@ -8,7 +8,8 @@ size (RSS) every ~5 ms while the call runs, plus once before and once after. RSS
 Python objects and freed-but-not-returned heap, and a spike shorter than the sampling interval
 can be missed, so treat the CPU figure as an estimate. Before the baseline is read, freed heap
 is handed back to the OS (glibc `malloc_trim`), otherwise memory freed by an earlier measurement
-would be reused silently and the delta would read as zero. MB means 2**20 bytes.
+would be reused silently and the delta would read as zero. All figures are MiB (2**20 bytes),
+although the keys end in "_mb".
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-_MB = 2**20
+_MIB = 2**20
 _INTERVAL_S = 0.005
 
 
@@ -73,9 +74,9 @@ def track_peak_memory(device: torch.device | str = "cpu") -> Iterator[dict]:
             peak = torch.cuda.max_memory_allocated(device)
             stats.update(
                 device=str(device),
-                peak_allocated_mb=peak / _MB,
-                baseline_allocated_mb=baseline / _MB,
-                peak_delta_mb=(peak - baseline) / _MB,
+                peak_allocated_mb=peak / _MIB,
+                baseline_allocated_mb=baseline / _MIB,
+                peak_delta_mb=(peak - baseline) / _MIB,
             )
         return
     _release_freed_heap()
@@ -88,9 +89,9 @@ def track_peak_memory(device: torch.device | str = "cpu") -> Iterator[dict]:
         peak = sampler.stop()
         stats.update(
             device="cpu",
-            peak_rss_mb=peak / _MB,
-            baseline_rss_mb=baseline / _MB,
-            peak_delta_mb=(peak - baseline) / _MB,
+            peak_rss_mb=peak / _MIB,
+            baseline_rss_mb=baseline / _MIB,
+            peak_delta_mb=(peak - baseline) / _MIB,
         )
 
 

@@ -6,11 +6,25 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from . import markdown_table, plot_curves, plot_kept_units, write_json
+from .report import kept_units_differ
 
 
 def _ratio(after: dict, before: dict, key: str) -> str:
     a, b = after.get(key), before.get(key)
     return f"{a / b:.3f}" if a and b else "-"
+
+
+def _method_notes(result: dict) -> list[str]:
+    """What the numbers of the table are based on, so a reader can judge them."""
+    ppl = result.get("details", {}).get("perplexity") or {}
+    notes = []
+    if ppl.get("windows"):
+        notes.append(f"- perplexity: {ppl['windows']} windows x {ppl['seq_len']} tokens of the test split "
+                     f"({ppl['tokens']:,} predicted tokens)")
+    notes.append("- prefill and decode: median of the repeats, [min-max] in brackets; load average taken before timing")
+    notes.append("- peak memory: increase over the loaded model during the perplexity pass, after a warm-up batch "
+                 "(CPU: resident set size, sampled; CUDA: allocated tensors); MiB = 2^20 bytes")
+    return notes
 
 
 def render_markdown(report: dict) -> str:
@@ -32,6 +46,7 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- reloaded with `AutoModelForCausalLM.from_pretrained`: max |logit diff| = {report['reload_max_abs_diff']:.2e}")
     if report.get("before") and report.get("after"):
         lines += ["", "## Before and after", "", markdown_table({"dense": report["before"], "pruned": report["after"]})]
+        lines += _method_notes(report["after"])
     if report.get("per_module"):
         lines += ["", "## Pruned weights per module", "", "| layer | module | pruned | total |", "|---|---|---:|---:|"]
         lines += [f"| {r['layer']} | {r['path']} | {r['pruned']:,} | {r['total']:,} |" for r in report["per_module"]]
@@ -44,7 +59,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {row['layer']} | {row['heads_kept']}/{row['heads_total']} | {row['kv_heads_kept']} | {row['channels_kept']}/{row['channels_total']} |")
     if report["history"]:
         lines += ["", "![loss and sparsity](curves.png)"]
-    if report["per_layer"]:
+    if kept_units_differ(report["per_layer"]):
         lines += ["", "![kept units](kept_units.png)"]
     lines.append("")
     return "\n".join(lines)
@@ -56,5 +71,5 @@ def write_report(directory: Path, report: dict) -> None:
     atomic_write_text(directory / "report.md", render_markdown(report))
     if report["history"]:
         plot_curves(report["history"], directory / "curves.png")
-    if report["per_layer"]:
+    if kept_units_differ(report["per_layer"]):
         plot_kept_units(report["per_layer"], directory / "kept_units.png")

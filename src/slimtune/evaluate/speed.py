@@ -1,12 +1,15 @@
 """Prefill latency and greedy decode throughput, timed with time.perf_counter.
 
 Both use random token ids from a fixed seed, so two models see the same inputs. On CUDA the
-device is synchronised around every timed region.
+device is synchronised around every timed region. Each result keeps every repeat, their median,
+min and max, and the machine's load average just before timing: on a busy machine the spread is
+wide and a median alone would hide why.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import statistics
 import time
 
@@ -34,6 +37,14 @@ def _check_positive(**values: int) -> None:
             raise SlimtuneError(f"{name} must be >= 1, got {value}; pass a positive number")
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (runnable processes), None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # Windows
+        return None
+
+
 def _stats(samples: list[float], unit: str) -> dict:
     return {
         f"median_{unit}": statistics.median(samples),
@@ -51,6 +62,7 @@ def prefill_latency(
     ids = _random_ids(model, seq_len, vocab_size)
     device = model_device(model)
     samples = []
+    load = load_average()
     with eval_mode(model):
         for i in range(warmup + repeats):
             synchronize(device)
@@ -59,7 +71,7 @@ def prefill_latency(
             synchronize(device)
             if i >= warmup:
                 samples.append((time.perf_counter() - t0) * 1e3)
-    return {"seq_len": seq_len, "repeats": repeats, "warmup": warmup, **_stats(samples, "ms")}
+    return {"seq_len": seq_len, "repeats": repeats, "warmup": warmup, "load_avg": load, **_stats(samples, "ms")}
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -120,6 +132,7 @@ def decode_throughput(
     _check_positive(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
     prompt = _random_ids(model, prompt_len, None)
     samples = []
+    load = load_average()
     with eval_mode(model):
         for i in range(warmup + repeats):
             _, seconds = greedy_decode(model, prompt, new_tokens)
@@ -131,6 +144,7 @@ def decode_throughput(
         "new_tokens": new_tokens,
         "repeats": repeats,
         "warmup": warmup,
+        "load_avg": load,
         **_stats(samples, "tok_s"),
         "median_ms_per_token": 1e3 / median,
     }

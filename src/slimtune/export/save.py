@@ -3,17 +3,23 @@
 Uniform layers get the stock config. Layers of differing shape get the per-layer config of
 `slim_modeling.py`, plus a copy of that file and an `auto_map` as a fallback for users who do not
 have slimtune installed (they need `trust_remote_code=True`; with slimtune imported they don't).
+Without slimtune imported, `AutoTokenizer.from_pretrained(dir)` asks about that code too: in
+transformers 5 it reads config.json (and its auto_map) before tokenizer_config.json, so no
+tokenizer file can prevent it. `PreTrainedTokenizerFast.from_pretrained(dir)` loads without asking.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import shutil
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
-from ..io import atomic_directory
+from ..io import MARKER, atomic_directory, check_output_dir
 from ..models.arch import SLIM_PREFIX, base_model_type, get_arch, unwrap
 from . import slim_modeling
 
@@ -40,9 +46,10 @@ def is_uniform(model: nn.Module) -> bool:
     heads_changed = shapes[0]["num_heads"] != root.config.hidden_size // spec.head_dim(root.config)
     if heads_changed and not spec.stock_head_pruning:
         return False
-    try:  # transformers validates e.g. hidden_size % num_attention_heads == 0
-        stock_config(root)
-    except (ValueError, TypeError):
+    try:  # transformers validates e.g. hidden_size % num_attention_heads == 0 on save and load,
+        # not when stock_config sets the sizes, so validate here
+        stock_config(root).validate()
+    except (ValueError, TypeError, StrictDataclassError):
         return False
     return True
 
@@ -104,10 +111,13 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite:
     """Save atomically: write into a temporary sibling directory, then rename it into place.
 
     `extra` is an optional callable(tmp_dir) that writes more files (reports, adapters) into the
-    same atomic directory.
+    same atomic directory. With `overwrite`, only a directory slimtune wrote is replaced (see
+    `io.check_output_dir`); every saved directory gets the `.slimtune` marker that says so.
     """
+    check_output_dir(out_dir, overwrite)
     out = export_model(model)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        _write_marker(tmp)
         out.save_pretrained(tmp)
         if out.config.model_type.startswith(SLIM_PREFIX):
             shutil.copyfile(slim_modeling.__file__, tmp / MODELING_FILE)
@@ -116,3 +126,11 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite:
         if extra is not None:
             extra(tmp)
     return Path(out_dir)
+
+
+def _write_marker(directory: Path) -> None:
+    from .. import __version__
+
+    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    info = {"written_by": "slimtune", "version": __version__, "date": date}
+    (directory / MARKER).write_text(json.dumps(info) + "\n")

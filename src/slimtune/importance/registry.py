@@ -43,7 +43,7 @@ class Criterion:
 
     def check_units(self, units: Iterable[str]) -> None:
         """Refuse granularities this criterion cannot score (one line, before any work)."""
-        missing = [u for u in units if u not in self.scores]
+        missing = [u for u in GRANULARITIES if u in set(units) and u not in self.scores]
         if missing:
             able = sorted(c.name for c in CRITERIA.values() if set(missing) <= c.scores)
             raise SlimtuneError(

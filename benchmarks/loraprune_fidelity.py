@@ -8,7 +8,7 @@ objects observe the *same* gradients: one estimates from the LoRA gradients (met
 uses the true weight gradient (metric grad). At a few steps we report the Spearman rank
 correlation of their EMA unit scores (heads and MLP channels of every layer), and |B|, which
 controls how much of the gradient the estimate can see: with B = 0 the estimate is s·G·AᵀA, a
-rank-r projection of G (METHODS.md §2).
+rank-r projection of G (docs/architecture.md, "LoRA-gradient importance").
 """
 
 from __future__ import annotations

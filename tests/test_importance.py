@@ -35,7 +35,7 @@ def _scores(model, batches, **kwargs):
 
 @pytest.mark.parametrize("kind, scale", [("element", 100.0), ("group", 3.0)])
 def test_taylor_predicts_loss_change_to_first_order(kind, scale):
-    """METHODS §1 test 1: -ΔL of zeroing w (or a channel's column) ≈ Σ g·w, error O(ε) relative.
+    """First-order Taylor (LLM-Pruner, arXiv 2305.11627, eq. 3): -ΔL of zeroing w (or a channel's column) ≈ Σ g·w, error O(ε) relative.
 
     The chosen weights are scaled by `scale`·ε; the relative error of the first-order prediction
     should fall roughly tenfold per decade of ε (second-order term ½·w·H·w over g·w). fp64 model;

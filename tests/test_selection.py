@@ -75,7 +75,7 @@ def test_unknown_granularity():
 
 
 def test_cubic_schedule_matches_reference():
-    # METHODS.md §3 test 2: T=100, w_i=10, w_f=20, 1 -> 0.15 (kept fraction); here as sparsity 0 -> 0.85
+    # cubic schedule check (Zhu & Gupta 2017, arXiv 1710.01878): T=100, w_i=10, w_f=20, 1 -> 0.15 (kept fraction); here as sparsity 0 -> 0.85
     s = Schedule(final=0.85, total_steps=100, warmup=0.1, cooldown=0.2)
     kept = [1 - s(t) for t in (0, 10, 11, 80, 90)]
     assert kept[0] == kept[1] == 1.0

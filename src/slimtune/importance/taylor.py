@@ -1,6 +1,6 @@
 """Taylor importance of LLM-Pruner (Ma et al. 2023, arXiv 2305.11627, eq. 3-5 and §3.2).
 
-Zeroing a weight changes the loss by ΔL ≈ -G·W + ½·W·H·W (METHODS.md §1). Over the calibration
+Zeroing a weight changes the loss by ΔL ≈ -G·W + ½·W·H·W (LLM-Pruner eq. 3; Molchanov et al. 2019, arXiv 1906.11626). Over the calibration
 batches b = 1..n, with g_b the gradient of batch b's mean loss:
 
     G = Σ_b g_b   (the gradient of the summed loss; we sum gradients, then score once at the end)

@@ -1,0 +1,70 @@
+"""The contract every registered criterion meets. Adding a criterion = one file, one registry
+line (importance/__init__.py) and one row here."""
+
+import pytest
+import torch
+
+from slimtune.adapters import LoraSettings, attach_lora
+from slimtune.errors import SlimtuneError
+from slimtune.importance import CRITERIA, GRANULARITIES, make_importance
+from slimtune.masking.structured import StructuredMasks
+from slimtune.pruning.pruner import refuse_ties, scores_from
+from tests.conftest import tiny_model
+
+# name -> (needs LoRA adapters, constructor overrides for the test)
+ROWS = {
+    "loraprune": (True, {"keep_elements": True}),
+    "grad": (True, {"keep_elements": True}),
+    "taylor": (False, {}),
+    "taylor2": (False, {}),
+    "taylor_vector": (False, {}),
+    "magnitude": (False, {}),
+    "l2": (False, {}),
+    "random": (False, {}),
+    "block_influence": (False, {}),
+}
+BATCHES = [torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+
+
+def test_every_registered_criterion_has_a_row():
+    assert set(CRITERIA) == set(ROWS), "add a row for each new criterion"
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_scores_what_it_declares_and_refuses_the_rest(name):
+    entry = CRITERIA[name]
+    lora, overrides = ROWS[name]
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    if lora:
+        model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():  # B = 0 at init; a trained-looking B exercises every term of the estimate
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+    if name == "grad":
+        from slimtune.importance.loraprune import enable_full_grad
+
+        enable_full_grad(model)
+    imp = make_importance(name, model, **overrides)
+    if entry.needs_data:
+        for b in BATCHES:
+            imp.update(model, b)
+    scores = scores_from(imp, StructuredMasks(model))
+    for unit in GRANULARITIES:
+        if unit not in entry.scores:
+            with pytest.raises(SlimtuneError, match=f"cannot score {unit}"):
+                entry.check_units({unit})
+            continue
+        entry.check_units({unit})
+        for i in range(1, 3):  # every unit of a prunable layer gets a usable, distinct score
+            if unit == "heads":
+                refuse_ties(name, torch.as_tensor(scores[i]["heads"]), unit, f"layer {i}")
+            elif unit == "channels":
+                refuse_ties(name, torch.as_tensor(scores[i]["channels"]), unit, f"layer {i}")
+            elif unit == "weights":
+                for path, s in imp.element_scores()[i].items():
+                    refuse_ties(name, s.flatten(), unit, f"layer {i} {path}")
+        if unit == "layers":
+            refuse_ties(name, torch.tensor([float(s["layer"]) for s in scores]), unit, "layers")
+    imp.remove()

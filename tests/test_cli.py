@@ -79,6 +79,11 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["prune", "--granularity", "nm", "--nm", "5:4"], "5:4 is invalid"),
         (["prune", "--mixed-precision", "fp16"], "fp16 autocast needs a GPU"),
         (["prune", "--steps", "x"], "invalid int value"),
+        (["prune", "--distill", "--distill-temperature", "0"], "--distill-temperature must be a positive number"),
+        (["prune", "--distill", "--distill-mix", "1.5"], "--distill-mix must be in [0, 1]"),
+        (["prune", "--ema", "1.0"], "--ema decay must be in [0, 1)"),
+        (["prune", "--export-weights", "ema"], "needs an EMA"),
+        (["prune", "--distill", "--lora-variant", "pissa"], "--distill cannot use PiSSA"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, tiny_dir, text_file, capsys, args, message):
@@ -181,6 +186,31 @@ def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, ca
     a = json.loads((tmp_path / "full" / "report.json").read_text())["history"]
     b = json.loads((tmp_path / "resumed" / "report.json").read_text())["history"]
     assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], rel=1e-5)
+    log = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in log] == list(range(1, 7))  # the interrupted run's extra rows are gone
+
+
+def test_resume_refuses_other_settings(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
+    from slimtune.training.loop import Trainer
+
+    common = ["prune", "--model", tiny_dir, "--data", text_file, "--steps", "6", "--batch-size", "2", "--checkpoint-every", "2",
+              "--no-eval", "--out", tmp_path / "o", *FAST]
+    real_step = Trainer.train_step
+    calls = {"n": 0}
+
+    def dying_step(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    assert _run(capsys, *common, "--sparsity", "0.2")[0] == 130
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    code, _, err = _run(capsys, *common, "--sparsity", "0.5", "--resume")
+    assert code == 2 and "cannot resume: prune.sparsity was 0.2 in the interrupted run and is 0.5 now" in err
+    code, _, err = _run(capsys, *common, "--sparsity", "0.2", "--resume", "--eval-windows", "3")  # evaluation size may change
+    assert code == 0, err
 
 
 def test_missing_bundled_packages_name_the_pip_command(tmp_path, capsys, monkeypatch, tiny_dir):
@@ -212,3 +242,25 @@ def test_shortfall_is_reported_and_reload_check_enforced(tmp_path, tiny_dir, tex
     assert code == 2 and "saved model disagrees" in err.strip().splitlines()[-1]
     assert (out / "model.safetensors").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".layers")]
+
+
+def test_distillation_and_averaging_run_end_to_end(tmp_path, tiny_dir, text_file, capsys):
+    out = tmp_path / "d"
+    code, _, err = _run(capsys, "prune", "--model", tiny_dir, "--data", text_file, "--out", out, "--steps", "4", "--batch-size", "2",
+                        "--distill", "--distill-mix", "0.7", "--ema", "0.5", "--swa", "--export-weights", "ema", *FAST)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    rows = report["history"]
+    assert all({"lm_loss", "kl", "tokens_per_s", "memory_mib", "seconds"} <= set(r) for r in rows)
+    assert all(r["loss"] == pytest.approx(0.3 * r["lm_loss"] + 0.7 * r["kl"], rel=1e-5) for r in rows)
+    assert report["job"]["averaging"] == {"ema": 0.5, "swa": 0.25, "export": "ema"}
+    assert report["train_memory"]["peak_delta_mb"] >= 0
+    assert "training peak memory" in (out / "report.md").read_text()
+
+
+def test_auto_preset_is_quick_on_cpu_and_says_so(capsys):
+    from slimtune.recipe import apply_preset
+
+    values = apply_preset({"device": "cpu"}, "auto")
+    assert values["preset"] == "quick" and "train.mixed_precision" not in values
+    assert "--preset auto: quick" in capsys.readouterr().err

@@ -15,6 +15,7 @@ adapter coverage, N:M widths, the schedule) runs in `check_config` before anythi
 from __future__ import annotations
 
 import copy
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .adapters.lora import lora_targets
 from .config import LoRAPruneConfig, MethodConfig, OneShotConfig
 from .data import batch_at
 from .errors import SlimtuneError
+from .evaluate.memory import track_peak_memory
 from .export import shrink_
 from .importance.loraprune import check_adapter_coverage, enable_full_grad
 from .importance.registry import get_criterion
@@ -57,6 +59,7 @@ class PruneResult:
     history: list[dict] = field(default_factory=list)
     shrink: dict = field(default_factory=dict)
     importance_skipped_updates: int = 0
+    train_memory: dict = field(default_factory=dict)  # peak memory of the fine-tuning loop
 
     @property
     def weight_level(self) -> bool:
@@ -113,6 +116,7 @@ class _Run:
     progress: bool
     adapter_dir: str | Path | None
     base_name: str | None
+    train_memory: dict = field(default_factory=dict)
 
     @property
     def initial_dir(self) -> Path | None:
@@ -132,12 +136,23 @@ def _attach(model, config: MethodConfig, run: _Run):
 def _train(net, data, config: MethodConfig, importance, pruner, run: _Run) -> list[dict]:
     settings = copy.copy(config.train)
     settings.steps = config.steps
-    trainer = Trainer(net, data, settings, importance, pruner, checkpoint_dir=run.work_dir)
+    trainer = Trainer(net, data, settings, importance, pruner, checkpoint_dir=run.work_dir,
+                      distill=config.distill, averaging=config.averaging)
+    if run.progress:
+        t = config.train
+        print(f"[slimtune] {settings.steps} steps, global batch {t.global_batch()} x {data.shape[1]} tokens, lr {trainer.lr:.3g} "
+              f"(--lr {t.lr:g} at batch {t.lr_base_batch}, rule {t.lr_rule}), {t.lr_schedule} decay"
+              + (f", distillation T={config.distill.temperature} mix={config.distill.mix}" if config.distill.enabled else ""), file=sys.stderr)
     if config.criterion == "grad":  # after the Trainer took its parameters: W0 gets .grad, is never trained
         enable_full_grad(net)
     if run.resume and not trainer.load_checkpoint():
         raise SlimtuneError(f"nothing to resume: no checkpoint in {run.work_dir}; run without --resume")
-    return trainer.run(progress=run.progress)
+    with track_peak_memory(next(net.parameters()).device) as memory:
+        history = trainer.run(progress=run.progress)
+    run.train_memory = memory
+    if trainer.averager is not None and config.averaging.export != "last":
+        trainer.averager.apply_to(config.averaging.export)  # these weights are merged and exported
+    return history
 
 
 def _finish(model, net, pruner, history, run: _Run, importance=None) -> PruneResult:
@@ -158,7 +173,7 @@ def _finish(model, net, pruner, history, run: _Run, importance=None) -> PruneRes
     shrink_info = {} if weight_level else shrink_(model, masks)
     model.eval()
     skipped = getattr(importance, "skipped", 0) if importance is not None else 0
-    return PruneResult(model, masks, info, history, shrink_info, skipped)
+    return PruneResult(model, masks, info, history, shrink_info, skipped, run.train_memory)
 
 
 @handler(LoRAPruneConfig)

@@ -10,7 +10,7 @@ import warnings
 from .cli_gen import OneLineParser, add_fields, build, given
 from .errors import SlimtuneError
 
-SECTIONS = (("prune", ""), ("train", ""), ("lora", "lora-"))  # (section field, flag prefix)
+SECTIONS = (("prune", ""), ("train", ""), ("lora", "lora-"), ("distill", "distill-"), ("averaging", ""))  # (section field, flag prefix)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def _prune(values: dict) -> int:
     from .evaluate import print_results, write_json
     from .recipe import PruneJob, apply_preset, run_prune
 
-    values = apply_preset(values, values.get("preset", "quick"))
+    values = apply_preset(values, values.get("preset", "auto"))
     job = build(PruneJob, values)
     report = run_prune(job, progress=not job.quiet)
     if report["before"] and report["after"]:

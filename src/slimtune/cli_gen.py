@@ -63,6 +63,8 @@ def add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "", section: 
                 kwargs["type"] = _list_of(typing.get_args(tp)[0], flag)
             else:
                 kwargs["type"] = tp
+            if "const" in f.metadata:  # `--ema` alone means the const, `--ema 0.99` a value
+                kwargs.update(nargs="?", const=f.metadata["const"])
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             if default is not None:

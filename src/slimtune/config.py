@@ -16,6 +16,8 @@ from .adapters.lora import LoraSettings
 from .errors import SlimtuneError
 from .importance.registry import get_criterion
 from .pruning.pruner import PruneSettings
+from .training.averaging import AveragingSettings
+from .training.distill import DistillSettings
 from .training.loop import TrainSettings
 
 
@@ -24,6 +26,8 @@ class MethodConfig:
     prune: PruneSettings = field(default_factory=PruneSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    averaging: AveragingSettings = field(default_factory=AveragingSettings)
     criterion: str = "loraprune"
     mode = "progressive"  # which registered criteria this config accepts
 
@@ -32,6 +36,8 @@ class MethodConfig:
         if entry.mode != self.mode:
             raise SlimtuneError(f"criterion '{self.criterion}' is {entry.mode.replace('_', '-')}; use {config_for(self.criterion).__name__} for it")
         entry.check_units(self.prune.units)  # before any model is loaded
+        if self.distill.enabled and self.lora.variant == "pissa":
+            raise SlimtuneError("--distill cannot use PiSSA: it rewrites the base weights, so no dense teacher is left; use --lora-variant lora, rslora or dora")
         if self.prune.weight_level and self.lora.variant == "dora" and self.uses_lora:
             raise SlimtuneError("unstructured and N:M masks act on the merged weight, which DoRA renormalises; use --lora-variant lora, rslora or pissa")
 

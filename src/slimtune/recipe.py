@@ -32,7 +32,9 @@ from .io import check_output_dir, check_writable_parent
 from .models import get_arch, load_model
 from .pruning.pruner import PruneSettings
 from .runtime import check_seq_len, pick_device
-from .training.loop import TrainSettings
+from .training.averaging import AveragingSettings
+from .training.distill import DistillSettings
+from .training.loop import LOG, TrainSettings
 
 DTYPES = ("float32", "bfloat16", "float16")
 RELOAD_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}  # max |logit diff| of the saved model
@@ -41,9 +43,9 @@ PRESETS = {
     # name: {"field" or "section.field": value}; "quick" is the dataclass defaults, sized for a 2-core CPU
     "quick": {},
     "standard": {"train.steps": 200, "train.batch_size": 4, "train.grad_accum": 2, "train.checkpoint_every": 20,
-                 "seq_len": 512, "eval_windows": 64, "calib_batches": 16},
-    "paper": {"train.steps": 600, "train.batch_size": 4, "train.grad_accum": 32, "train.lr": 3e-4, "train.checkpoint_every": 20,
-              "seq_len": 256, "eval_windows": 256, "calib_batches": 32},
+                 "train.lr_base_batch": 8, "seq_len": 512, "eval_windows": 64, "calib_batches": 16},
+    "paper": {"train.steps": 600, "train.batch_size": 4, "train.grad_accum": 32, "train.lr": 3e-4, "train.lr_base_batch": 128,
+              "train.checkpoint_every": 20, "seq_len": 256, "eval_windows": 256, "calib_batches": 32},
 }
 
 
@@ -87,7 +89,7 @@ class PruneJob(EvalJob):
     out: str = field(default="pruned", metadata=_help("output directory: a model from_pretrained loads, plus the report"))
     overwrite: bool = field(default=False, metadata=_help("replace an output directory that slimtune wrote before"))
     resume: bool = field(default=False, metadata=_help("continue an interrupted run from its last checkpoint"))
-    preset: str = field(default="quick", metadata=_help(f"budget: {', '.join(PRESETS)} (quick: minutes on a CPU)"))
+    preset: str = field(default="auto", metadata=_help(f"budget: auto (quick on a CPU; standard with bf16 on a GPU), {', '.join(PRESETS)}"))
     criterion: str = field(default="loraprune", metadata=_help(f"importance criterion: {', '.join(CRITERIA)}"))
     calib_batches: int = field(default=4, metadata=_help("one-shot criteria: calibration batches"))
     recover_steps: int | None = field(default=None, metadata=_help("one-shot criteria: LoRA recovery steps after pruning (default: --steps; 0 = none)"))
@@ -97,6 +99,8 @@ class PruneJob(EvalJob):
     prune: PruneSettings = field(default_factory=PruneSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    averaging: AveragingSettings = field(default_factory=AveragingSettings)
     command: str = field(default="", metadata={"cli": False})
 
     def __post_init__(self):
@@ -107,14 +111,28 @@ class PruneJob(EvalJob):
     def method(self) -> MethodConfig:
         cls = config_for(self.criterion)
         extra = {"calib_batches": self.calib_batches, "recover_steps": self.recover_steps} if cls is OneShotConfig else {}
-        return cls(prune=self.prune, lora=self.lora, train=self.train, criterion=self.criterion, **extra)
+        return cls(prune=self.prune, lora=self.lora, train=self.train, distill=self.distill, averaging=self.averaging,
+                   criterion=self.criterion, **extra)
+
+
+def auto_preset(device: str) -> tuple[str, dict]:
+    """The budget for the device found: quick on a CPU; standard on a GPU, with bf16 autocast where supported."""
+    dev = pick_device(device)
+    if dev.type != "cuda":
+        return "quick", {}
+    return "standard", ({"train.mixed_precision": "bf16"} if torch.cuda.is_bf16_supported() else {})
 
 
 def apply_preset(values: dict, name: str) -> dict:
-    """dataclass defaults < preset < what the user typed."""
+    """dataclass defaults < preset < what the user typed. Records the preset actually used."""
+    extra = {}
+    if name == "auto":
+        name, extra = auto_preset(values.get("device", "auto"))
+        if not values.get("quiet"):
+            print(f"[slimtune] --preset auto: {name} for this device{' with bf16 autocast' if extra else ''}", file=sys.stderr)
     if name not in PRESETS:
-        raise SlimtuneError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
-    return {**PRESETS[name], **values}
+        raise SlimtuneError(f"unknown preset '{name}'; choose auto or one of {', '.join(PRESETS)}")
+    return {**PRESETS[name], **extra, **values, "preset": name}
 
 
 def _evaluate(model, tokens, job: EvalJob, label: str, progress: bool) -> dict:
@@ -148,6 +166,7 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     if job.resume and not (work / "checkpoint.pt").is_file():
         raise SlimtuneError(f"nothing to resume: no checkpoint in {work}; run without --resume")
     config = job.method
+    _check_resume(job, work)
     model, tokenizer = load_model(job.model, dtype=getattr(torch, job.dtype), device=pick_device(job.device))
     check_config(model, config)  # criterion x granularity x adapters x model shapes: before any work
     check_seq_len(model, job.seq_len)
@@ -176,6 +195,7 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
         "before": before,
         "after": after,
         "history": result.history,
+        "train_memory": result.train_memory,
         "importance_skipped_updates": result.importance_skipped_updates,
         "wall_seconds": None,
     }
@@ -186,6 +206,8 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
 
         if (work / "adapters").is_dir():
             shutil.copytree(work / "adapters", tmp / "adapters")
+        if (work / LOG).is_file():
+            shutil.copyfile(work / LOG, tmp / LOG)
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in masks.state_dict().items()}, str(tmp / "pruning_masks.safetensors"))
@@ -201,6 +223,39 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
 
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+RESUME_FILE = "job.json"
+# options that change what a run computes; the others (--quiet, --out, evaluation sizes ...) may differ on --resume
+RESULT_FIELDS = ("model", "data", "seq_len", "dtype", "criterion", "calib_batches", "recover_steps", "prune", "train", "lora", "distill", "averaging")
+NEUTRAL = {"train.checkpoint_every"}
+
+
+def _flat(obj, prefix=""):
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): obj}
+
+
+def _check_resume(job: PruneJob, work: Path) -> None:
+    """Record the result-changing options with the checkpoints; refuse a --resume that changes any."""
+    from .io import atomic_write_json
+
+    settings = _flat({k: _jsonable(getattr(job, k)) for k in RESULT_FIELDS})
+    settings = {k: v for k, v in settings.items() if k not in NEUTRAL}
+    saved = work / RESUME_FILE
+    if job.resume and saved.is_file():
+        import json
+
+        before = json.loads(saved.read_text())
+        for key in sorted(set(before) | set(settings)):
+            if before.get(key) != settings.get(key):
+                flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+                raise SlimtuneError(f"cannot resume: {key} was {before.get(key)!r} in the interrupted run and is {settings.get(key)!r} now; "
+                                    f"resume with the original {flag}, or start over without --resume")
+        return
+    if not job.resume:
+        atomic_write_json(saved, settings)
 
 
 @torch.no_grad()

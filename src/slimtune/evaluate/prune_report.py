@@ -27,6 +27,20 @@ def _method_notes(result: dict) -> list[str]:
     return notes
 
 
+def _training_lines(report: dict) -> list[str]:
+    """Training peak memory (the figure the method is about) and throughput."""
+    lines = []
+    mem = report.get("train_memory") or {}
+    if mem.get("peak_delta_mb") is not None:
+        where = "CUDA allocator" if mem.get("device", "cpu") != "cpu" else "process RSS, sampled"
+        lines.append(f"- training peak memory: {mem['peak_delta_mb']:.0f} MiB above the loaded model ({where})")
+    rates = [h["tokens_per_s"] for h in report.get("history", []) if h.get("tokens_per_s")]
+    if rates:
+        rates = sorted(rates)
+        lines.append(f"- training throughput: {rates[len(rates) // 2]:.0f} tokens/s (median over steps)")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     sp = report["sparsity"]
     job = report["job"]
@@ -41,6 +55,7 @@ def render_markdown(report: dict) -> str:
         f"- target sparsity {sp['target']:.3f} of decoder parameters; achieved **{sp['achieved']:.4f}** "
         f"({sp['decoder_params_before']:,} -> {sp['decoder_params_after']:,})",
         f"- steps: {len(report['history'])}; importance updates skipped (non-finite): {report['importance_skipped_updates']}",
+        *_training_lines(report),
     ]
     if report.get("reload_max_abs_diff") is not None:
         lines.append(f"- reloaded with `AutoModelForCausalLM.from_pretrained`: max |logit diff| = {report['reload_max_abs_diff']:.2e}")

@@ -48,8 +48,9 @@ EXPORT_FLAG = "--export-weights"
 
 @dataclass
 class AveragingSettings:
-    ema: float | None = field(default=None, metadata={"help": f"keep an exponential moving average of the LoRA weights with this decay in [0, 1) (bare flag: {DEFAULT_EMA_DECAY}); memory ≈ 1/(1 - decay) steps"})
-    swa: float | None = field(default=None, metadata={"help": f"keep the equal-weight mean of the LoRA weights over the last FRACTION of the steps, in (0, 1] (bare flag: {DEFAULT_SWA_FRACTION})"})
+    ema: float | None = field(default=None, metadata={"const": DEFAULT_EMA_DECAY, "help": f"keep an exponential moving average of the LoRA weights with this decay in [0, 1) (bare flag: {DEFAULT_EMA_DECAY}); memory ≈ 1/(1 - decay) steps"})
+    swa: float | None = field(default=None, metadata={"const": DEFAULT_SWA_FRACTION, "help": f"keep the equal-weight mean of the LoRA weights over the last FRACTION of the steps, in (0, 1] (bare flag: {DEFAULT_SWA_FRACTION})"})
+    export: str = field(default="last", metadata={"help": "which adapter weights to merge and export", "choices": EXPORT_CHOICES, "flag": EXPORT_FLAG})
 
     def __post_init__(self):
         if self.ema is not None:
@@ -66,6 +67,7 @@ class AveragingSettings:
                 raise SlimtuneError(f"--swa takes a fraction of the steps in (0, 1], got {self.swa!r}; for example --swa {DEFAULT_SWA_FRACTION}") from None
             if not 0.0 < self.swa <= 1.0:
                 raise SlimtuneError(f"--swa fraction must be in (0, 1], got {self.swa}; for example --swa {DEFAULT_SWA_FRACTION}")
+        check_export_choice(self.export, self)
 
     @property
     def enabled(self) -> bool:

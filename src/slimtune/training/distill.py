@@ -44,6 +44,7 @@ TeacherContext = Callable[[], AbstractContextManager]
 
 @dataclass
 class DistillSettings:
+    enabled: bool = field(default=False, metadata={"help": "distil from the dense model itself (adapters off, masks open): no second copy of the weights", "flag": "--distill"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature T of the distillation term (> 0); the KL is scaled by T² (Hinton et al. 2015)"})
     mix: float = field(default=0.5, metadata={"help": "weight of the distillation term in [0, 1]: loss = (1 - mix)·CE + mix·T²·KL; 0 = plain LM loss"})
 

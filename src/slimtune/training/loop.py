@@ -10,7 +10,9 @@ importance EMA and the RNG state, so `--resume` reproduces an uninterrupted run 
 from __future__ import annotations
 
 import io
+import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +24,14 @@ from ..data import batch_at
 from ..errors import SlimtuneError
 from ..io import atomic_write_bytes
 from ..models.arch import unwrap
+from .averaging import AveragingSettings, WeightAverager
+from .distill import DistillSettings, dense_teacher, distill_loss
 from .loss import causal_lm_loss
+from .lr_rule import RULES, global_batch, scaled_lr
 from .step import PruneStep
 
 CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"  # one JSON row per optimiser step, next to the checkpoint
 
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -43,12 +49,21 @@ class TrainSettings:
     lr: float = field(default=5e-4, metadata=_help("peak learning rate (AdamW)"))
     lr_schedule: str = field(default="cosine", metadata=_help("decay after warm-up", choices=LR_SCHEDULES))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay of the adapter weights"))
+    lr_rule: str = field(default="auto", metadata=_help("how the LR follows the global batch (devices x batch x accumulation) away from --lr-base-batch: auto (sqrt for AdamW), sqrt, linear, none", choices=RULES))
+    lr_base_batch: int = field(default=2, metadata=_help("the global batch (sequences) --lr is meant for"))
     warmup_steps: int = field(default=2, metadata=_help("linear LR warm-up steps"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm"))
     seed: int = field(default=0, metadata=_help("seed of LoRA init, dropout and batch order"))
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward to save memory"))
     mixed_precision: str = field(default="no", metadata=_help("autocast dtype", choices=("no", "bf16", "fp16")))
     checkpoint_every: int = field(default=10, metadata=_help("optimiser steps between resumable checkpoints (0 = none)"))
+
+    def global_batch(self, devices: int = 1) -> int:
+        return global_batch(self.batch_size, self.grad_accum, devices)
+
+    def effective_lr(self, devices: int = 1) -> float:
+        """--lr moved from --lr-base-batch to this run's global batch by --lr-rule (capped at 4x either way)."""
+        return scaled_lr(self.lr, self.lr_base_batch, self.global_batch(devices), "adamw", self.lr_rule)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum"):
@@ -63,6 +78,8 @@ class TrainSettings:
             raise SlimtuneError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise SlimtuneError(f"unknown --mixed-precision '{self.mixed_precision}'; choose no, bf16 or fp16")
+        if self.lr_base_batch < 1:
+            raise SlimtuneError(f"--lr-base-batch {self.lr_base_batch} must be at least 1")
         if self.lr_schedule not in LR_SCHEDULES:
             raise SlimtuneError(f"unknown --lr-schedule '{self.lr_schedule}'; choose {', '.join(LR_SCHEDULES)}")
 
@@ -106,7 +123,8 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 class Trainer:
     """Minimal LoRA fine-tuning loop with pruning hooks, checkpoints and resume."""
 
-    def __init__(self, model, tokens: torch.Tensor, settings: TrainSettings, importance=None, pruner=None, checkpoint_dir=None):
+    def __init__(self, model, tokens: torch.Tensor, settings: TrainSettings, importance=None, pruner=None, checkpoint_dir=None,
+                 distill: DistillSettings | None = None, averaging: AveragingSettings | None = None, devices: int = 1):
         self.model, self.tokens, self.s = model, tokens, settings
         self.importance, self.pruner = importance, pruner
         self.prune_step = PruneStep(importance, pruner)
@@ -116,10 +134,16 @@ class Trainer:
         self.params = _trainable(model)
         if not self.params:
             raise SlimtuneError("nothing to train: no parameter requires grad (were LoRA adapters attached?)")
-        self.opt = torch.optim.AdamW(list(self.params.values()), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.lr = settings.effective_lr(devices)
+        self.opt = torch.optim.AdamW(list(self.params.values()), lr=self.lr, weight_decay=settings.weight_decay)
         self.sched = lr_scheduler(self.opt, settings)
         self.step = 0
         self.history: list[dict] = []
+        # the dense teacher is this same model with adapters off and masks open: no second copy
+        self.distill = distill if distill is not None and distill.enabled else None
+        self.teacher = dense_teacher(model, getattr(pruner, "gates", None)) if self.distill else None
+        self.averager = WeightAverager(self.params, averaging, settings.steps) if averaging is not None and averaging.enabled else None
+        self.log = Path(checkpoint_dir) / LOG if checkpoint_dir else None
         check_precision(model, settings.mixed_precision)
         self.scaler = torch.amp.GradScaler(enabled=settings.mixed_precision == "fp16")
         if settings.gradient_checkpointing:
@@ -138,6 +162,7 @@ class Trainer:
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
             **self.prune_step.state_dict(),
+            "averager": self.averager.state_dict() if self.averager is not None else None,
             "history": self.history,
             "rng": torch.get_rng_state(),
         }
@@ -164,26 +189,42 @@ class Trainer:
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.prune_step.load_state_dict(state)
+        if self.averager is not None:
+            if state.get("averager") is None:
+                raise SlimtuneError(f"checkpoint {self.checkpoint} has no --ema/--swa average; resume with the original options")
+            self.averager.load_state_dict(state["averager"])
         self.history = state["history"]
+        if self.log is not None:  # rows logged after this checkpoint belong to the interrupted run
+            self.log.write_text("".join(json.dumps(row) + "\n" for row in self.history))
         self.step = state["step"]
         torch.set_rng_state(state["rng"])
         return True
 
     # ---- loop -------------------------------------------------------------------------
-    def train_step(self) -> float:
+    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.teacher is None:
+            return causal_lm_loss(self.model, batch), {}
+        total, lm, kl = distill_loss(self.model, batch, self.teacher, self.distill)
+        return total, {"lm_loss": lm.detach(), "kl": kl.detach()}
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step; returns this step's mean loss (and its parts). Syncs with the device once."""
         s, model = self.s, self.model
         model.train()
-        total = 0.0
         device = next(model.parameters()).device
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(s.grad_accum):
             batch = batch_at(self.tokens, s.batch_size, s.seed, self.step * s.grad_accum + micro).to(device)
             with _autocast(model, s.mixed_precision):
-                loss = causal_lm_loss(model, batch) / s.grad_accum
-            if not torch.isfinite(loss):
-                where = f"; the last good checkpoint is {self.checkpoint} (resume with --resume after lowering --lr)" if self.checkpoint and self.checkpoint.is_file() else "; lower --lr"
-                raise SlimtuneError(f"loss became {loss.item()} at step {self.step + 1}{where}")
+                loss, parts = self._loss(batch)
+                loss = loss / s.grad_accum
             self.scaler.scale(loss).backward()
-            total += loss.item()
+            for key, value in {"loss": loss.detach(), **{k: v / s.grad_accum for k, v in parts.items()}}.items():
+                sums[key] = sums.get(key, 0) + value
+        values = {k: float(v) for k, v in sums.items()}  # the one host sync of the step
+        if not math.isfinite(values["loss"]):
+            where = f"; the last good checkpoint is {self.checkpoint} (resume with --resume after lowering --lr)" if self.checkpoint and self.checkpoint.is_file() else "; lower --lr"
+            raise SlimtuneError(f"loss became {values['loss']} at step {self.step + 1}{where}")
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.max_grad_norm)
         self.prune_step.before_optimizer(model)
@@ -192,25 +233,51 @@ class Trainer:
         self.sched.step()
         model.zero_grad(set_to_none=True)  # also the observed-only weight gradients
         self.step += 1
-        return total
+        if self.averager is not None:
+            self.averager.update(self.step)
+        return values
 
     def run(self, progress: bool = True) -> list[dict]:
         s = self.s
         bar = tqdm(total=s.steps, initial=self.step, desc="prune+finetune", disable=not progress, dynamic_ncols=True)
+        tokens_per_step = s.batch_size * s.grad_accum * self.tokens.shape[1]
+        device = next(self.model.parameters()).device
         while self.step < s.steps:
-            loss = self.train_step()
+            t0 = time.perf_counter()
+            values = self.train_step()
             info = self.prune_step.after_optimizer(self.step)
+            seconds = time.perf_counter() - t0
             sparsity = self.prune_step.sparsity
-            row = {"step": self.step, "loss": loss, "sparsity": sparsity, "lr": self.sched.get_last_lr()[0]}
+            row = {"step": self.step, **values, "sparsity": sparsity, "lr": self.sched.get_last_lr()[0],
+                   "seconds": seconds, "tokens_per_s": tokens_per_step / seconds, "memory_mib": memory_now_mib(device)}
             if info is not None:
                 row["achieved"] = info["achieved"]
             self.history.append(row)
-            bar.set_postfix(loss=f"{loss:.3f}", sparsity=f"{sparsity:.3f}")
+            if self.log is not None:
+                append_jsonl(self.log, row)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", sparsity=f"{sparsity:.3f}")
             bar.update(1)
             if s.checkpoint_every and (self.step % s.checkpoint_every == 0 or self.step == s.steps):
                 self.save_checkpoint()
         bar.close()
         return self.history
+
+
+def memory_now_mib(device: torch.device) -> float:
+    """The CUDA allocator's peak since the last step on GPU (then reset), the process RSS on CPU."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
 
 
 def mean_loss(history: list[dict], last: int = 5) -> float:

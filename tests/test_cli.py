@@ -133,7 +133,8 @@ def test_unsupported_architecture(tmp_path, text_file, capsys):
     torch.manual_seed(0)
 
 
-@pytest.mark.parametrize("gran, extra", [("unstructured", []), ("nm", ["--nm", "2:4"])])
+@pytest.mark.parametrize("gran, extra", [("unstructured", []), ("nm", ["--nm", "2:4"]), ("unstructured", ["--criterion", "wanda"]),
+                                         ("nm", ["--criterion", "sparsegpt", "--nm", "2:4"])])
 def test_weight_level_pruning_end_to_end(tmp_path, tiny_dir, text_file, capsys, gran, extra):
     out = tmp_path / "w"
     code, _, err = _run(capsys, "prune", "--model", tiny_dir, "--data", text_file, "--out", out, "--granularity", gran, *extra,

@@ -22,6 +22,8 @@ ROWS = {
     "l2": (False, {}),
     "random": (False, {}),
     "block_influence": (False, {}),
+    "wanda": (False, {}),  # layerwise: exercised through prune_layerwise below
+    "sparsegpt": (False, {}),
 }
 BATCHES = [torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
 
@@ -46,6 +48,9 @@ def test_scores_what_it_declares_and_refuses_the_rest(name):
         from slimtune.importance.loraprune import enable_full_grad
 
         enable_full_grad(model)
+    if entry.mode == "layerwise":
+        _check_layerwise(name, entry)
+        return
     imp = make_importance(name, model, **overrides)
     if entry.needs_data:
         for b in BATCHES:
@@ -68,3 +73,18 @@ def test_scores_what_it_declares_and_refuses_the_rest(name):
         if unit == "layers":
             refuse_ties(name, torch.tensor([float(s["layer"]) for s in scores]), unit, "layers")
     imp.remove()
+
+
+def _check_layerwise(name, entry):
+    """Layer-wise criteria prune weights only, to the exact per-projection fraction."""
+    from slimtune.pruning.layerwise import prune_layerwise
+
+    assert entry.scores == {"weights"}
+    for unit in ("heads", "channels", "layers"):
+        with pytest.raises(SlimtuneError, match=f"cannot score {unit}"):
+            entry.check_units({unit})
+    model = tiny_model("llama", hidden_size=96, intermediate_size=160)
+    calib = torch.randint(0, 96, (64, 16), generator=torch.Generator().manual_seed(3))
+    masks = prune_layerwise(model, calib, name, 0.5, excluded={0, 3})
+    for row in masks.per_module():
+        assert row["pruned"] == row["total"] // 2, row

@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapters import attach_lora, merge_keep_masks
 from .adapters.lora import lora_targets
-from .config import LoRAPruneConfig, MethodConfig, OneShotConfig
+from .config import LayerwiseConfig, LoRAPruneConfig, MethodConfig, OneShotConfig
 from .data import batch_at
 from .errors import SlimtuneError
 from .evaluate.memory import track_peak_memory
@@ -35,8 +35,11 @@ from .importance.loraprune import check_adapter_coverage, enable_full_grad
 from .importance.registry import get_criterion
 from .masking.weights import zero_masked_weights
 from .models.arch import get_arch
+from .pruning.fixed import FixedMasks
+from .pruning.layerwise import prune_layerwise
 from .pruning.pruner import excluded_layers, make_pruner
 from .pruning.schedules import Schedule
+from .pruning.weight_selection import module_fraction_for, parse_nm
 from .training.callback import PruneCallback
 from .training.loop import Trainer, check_precision
 
@@ -198,6 +201,25 @@ def _one_shot(model, config: OneShotConfig, data, run: _Run) -> PruneResult:
     pruner = make_pruner(net, config.prune, importance, total_steps=1)
     pruner.finalize()
     importance.remove()
+    history = _train(net, data, config, None, pruner, run) if config.uses_lora else []
+    return _finish(model, net if config.uses_lora else None, pruner, history, run)
+
+
+@handler(LayerwiseConfig)
+def _layerwise(model, config: LayerwiseConfig, data, run: _Run) -> PruneResult:
+    spec = get_arch(model)
+    s = config.prune
+    excluded = excluded_layers(s, len(spec.decoder_layers(model)))
+    nm = parse_nm(s.nm) if s.granularity.strip().lower() == "nm" else None
+    # --sparsity is a fraction of all decoder parameters; the solver prunes a fraction of each projection
+    per_module = 0.0 if nm else module_fraction_for(model, spec, excluded, s.sparsity)
+    bs = config.train.batch_size
+    calib = torch.cat([batch_at(data, bs, config.train.seed + 1, b) for b in range(config.calib_batches)])
+    masks = prune_layerwise(model, calib, config.criterion, per_module, nm=nm, excluded=excluded, batch_size=bs,
+                            blocksize=config.blocksize, percdamp=config.percdamp, progress=run.progress)
+    target = masks.sparsity_of_decoder(model) if nm else s.sparsity
+    net = _attach(model, config, run) if config.uses_lora else model
+    pruner = FixedMasks(net, masks, s.nm if nm else "unstructured", target)
     history = _train(net, data, config, None, pruner, run) if config.uses_lora else []
     return _finish(model, net if config.uses_lora else None, pruner, history, run)
 

@@ -2,6 +2,7 @@
 
     LoRAPruneConfig   progressive: importance observed while LoRA fine-tunes (loraprune, grad)
     OneShotConfig     score once on calibration batches, prune, then LoRA recovery (taylor, ...)
+    LayerwiseConfig   prune layer by layer on sequential calibration, then LoRA recovery (wanda, sparsegpt)
 
 `slimtune.prune_(model, config, data)` dispatches on the config's type (api.py). The CLI is
 generated from these same dataclasses (cli_gen.py), so every default is written once, here or
@@ -62,7 +63,7 @@ class OneShotConfig(MethodConfig):
     """Score once on calibration data, prune to the target, then recover with LoRA."""
 
     criterion: str = "taylor"
-    calib_batches: int = 4
+    calib_batches: int = 16  # 16 x 2 x 256 = 8K tokens at the quick preset
     recover_steps: int | None = None  # None: train.steps; 0: no recovery
     mode = "one_shot"
 
@@ -82,6 +83,22 @@ class OneShotConfig(MethodConfig):
         return self.train.steps if self.recover_steps is None else self.recover_steps
 
 
+@dataclass
+class LayerwiseConfig(OneShotConfig):
+    """Prune layer by layer, each layer calibrated on the outputs of the already-pruned earlier ones
+    (Wanda, SparseGPT), then recover with LoRA while the masks keep every zero."""
+
+    criterion: str = "wanda"
+    blocksize: int = 128  # SparseGPT: columns per block of lazy updates
+    percdamp: float = 0.01  # SparseGPT: dampening, a fraction of the Hessian's mean diagonal
+    mode = "layerwise"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.prune.weight_level:
+            raise SlimtuneError(f"criterion '{self.criterion}' prunes single weights; pass --granularity unstructured or nm")
+
+
 def config_for(criterion: str) -> type[MethodConfig]:
     """The config type that runs a registered criterion."""
-    return LoRAPruneConfig if get_criterion(criterion).mode == "progressive" else OneShotConfig
+    return {"progressive": LoRAPruneConfig, "one_shot": OneShotConfig, "layerwise": LayerwiseConfig}[get_criterion(criterion).mode]

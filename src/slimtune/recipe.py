@@ -20,7 +20,7 @@ import torch
 
 from .adapters import LoraSettings
 from .api import check_config, prune_
-from .config import MethodConfig, OneShotConfig, config_for
+from .config import LayerwiseConfig, MethodConfig, OneShotConfig, config_for
 from .data import load_tokens
 from .errors import SlimtuneError
 from .evaluate import evaluate_model
@@ -91,7 +91,9 @@ class PruneJob(EvalJob):
     resume: bool = field(default=False, metadata=_help("continue an interrupted run from its last checkpoint"))
     preset: str = field(default="auto", metadata=_help(f"budget: auto (quick on a CPU; standard with bf16 on a GPU), {', '.join(PRESETS)}"))
     criterion: str = field(default="loraprune", metadata=_help(f"importance criterion: {', '.join(CRITERIA)}"))
-    calib_batches: int = field(default=4, metadata=_help("one-shot criteria: calibration batches"))
+    calib_batches: int | None = field(default=None, metadata=_help("one-shot criteria: calibration batches of --batch-size sequences (default 16, i.e. 8K tokens at the quick preset)"))
+    percdamp: float = field(default=0.01, metadata=_help("sparsegpt: Hessian dampening as a fraction of its mean diagonal"))
+    blocksize: int = field(default=128, metadata=_help("sparsegpt: columns per block of lazy weight updates"))
     recover_steps: int | None = field(default=None, metadata=_help("one-shot criteria: LoRA recovery steps after pruning (default: --steps; 0 = none)"))
     evaluate: bool = field(default=True, metadata=_help("skip the before/after evaluation", flag="--no-eval"))
     evaluate_dense: bool = field(default=True, metadata={"cli": False})  # benchmarks measure the dense model once
@@ -110,7 +112,12 @@ class PruneJob(EvalJob):
     @property
     def method(self) -> MethodConfig:
         cls = config_for(self.criterion)
-        extra = {"calib_batches": self.calib_batches, "recover_steps": self.recover_steps} if cls is OneShotConfig else {}
+        extra = {}
+        if issubclass(cls, OneShotConfig):  # None: the config's own default
+            extra = {k: v for k, v in (("calib_batches", self.calib_batches), ("recover_steps", self.recover_steps)) if v is not None}
+            extra["recover_steps"] = self.recover_steps
+        if cls is LayerwiseConfig:
+            extra.update(percdamp=self.percdamp, blocksize=self.blocksize)
         return cls(prune=self.prune, lora=self.lora, train=self.train, distill=self.distill, averaging=self.averaging,
                    criterion=self.criterion, **extra)
 

@@ -19,7 +19,9 @@ from .loraprune import LoRAPruneImportance
 from .magnitude import MagnitudeImportance
 from .random import RandomImportance
 from .registry import CRITERIA, Criterion, get_criterion, make_importance, register
+from .sparsegpt import SparseGPTImportance
 from .taylor import TaylorImportance
+from .wanda import WandaImportance
 
 register("loraprune", LoRAPruneImportance, "LoRA-gradient importance while fine-tuning (LoRAPrune, arXiv 2305.18403)", metric="lora")
 register("grad", LoRAPruneImportance, "the same loop with the true weight gradient: the memory-hungry reference", metric="grad")
@@ -30,6 +32,8 @@ register("magnitude", MagnitudeImportance, "|w| (L1)", p=1)
 register("l2", MagnitudeImportance, "w² (L2)", p=2)
 register("random", RandomImportance, "seeded random scores: the control")
 register("block_influence", BlockInfluence, "1 - cos(x_in, x_out) per layer (ShortGPT, arXiv 2403.03853); layers only")
+register("wanda", WandaImportance, "|w|·‖x‖ per output row, layer by layer (Wanda, arXiv 2306.11695); unstructured or nm")
+register("sparsegpt", SparseGPTImportance, "OBS pruning with weight updates, layer by layer (SparseGPT, arXiv 2301.00774); unstructured or nm")
 
 __all__ = [
     "CRITERIA",
@@ -41,7 +45,9 @@ __all__ = [
     "LoRAPruneImportance",
     "MagnitudeImportance",
     "RandomImportance",
+    "SparseGPTImportance",
     "TaylorImportance",
+    "WandaImportance",
     "get_criterion",
     "make_importance",
     "projection_weights",

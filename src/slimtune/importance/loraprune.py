@@ -12,11 +12,15 @@ G_B = s·G_V·Aᵀ: Ĝ estimates s·G_V exactly as it estimates s·G for plain L
 one scalar per row, |G_V ⊙ V| = |G_W' ⊙ W'|, the Taylor score of the effective (merged) weight.
 (With dropout > 0, A and B see the dropped inputs while W0 does not, as in plain LoRA.)
 
-S is reduced at once, one projection at a time, to head / channel vectors (granularity.py: per-
-module l2 normalisation, summed per block) and to a layer score (the sum of S), so the state is
-a few vectors per layer and memory stays at LoRA level. The unit vectors are smoothed with
+S is reduced at once, one projection at a time, to head / channel vectors (reduce.py: per-module
+l2 normalisation, summed per block) and to a layer score (the sum of S), so the state is a few
+vectors per layer and memory stays at LoRA level. The unit vectors are smoothed with
 Ī ← λ·Ī + (1−λ)·Î (λ = 0.9, Ī starts at 0, no bias correction); a step whose scores are not all
 finite is skipped and counted in `skipped`.
+
+The state lives on the model's device (each layer's vectors next to its weights), so `observe`
+reads nothing back to the host but one flag per step: whether all of the step's scores are
+finite. `unit_scores()`, `layer_scores()` and `state_dict()` return CPU copies.
 
 metric:
     lora       Ĝ from the LoRA gradients (default)
@@ -42,7 +46,6 @@ from ..masking.structured import StructuredMasks
 from ..models.arch import get_arch
 from ..training.loss import causal_lm_loss
 from .base import ElementScores, Importance, projection_weights
-from .reduce import channel_scores, head_scores
 
 METRICS = ("lora", "grad", "magnitude")
 
@@ -59,6 +62,26 @@ def lora_grad_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: t
     g.addmm_(B, gA)
     g.addmm_(gB, gA, alpha=-1.0)
     return g
+
+
+def _l2(v: torch.Tensor) -> torch.Tensor:
+    return v / (v.norm() + 1e-8)  # the "l2" normalisation of reduce.py, bit for bit
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+def all_finite(tensors) -> bool:
+    """True when every element of `tensors` is finite: one host sync however many devices they span."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        flags.setdefault(t.device, []).append(t.reshape(-1))
+    per_device = [torch.isfinite(torch.cat(ts)).all() for ts in flags.values()]
+    if not per_device:
+        return True
+    first = per_device[0].device
+    return bool(torch.stack([f.to(first) for f in per_device]).all())
 
 
 def enable_full_grad(model: nn.Module, spec=None) -> Callable[[], None]:
@@ -122,9 +145,14 @@ class LoRAPruneImportance(Importance):
             raise SlimtuneError("LoRAPrune found no LoRA adapters on the decoder projections; call attach_lora before creating it")
         self.geometry = StructuredMasks(model, self.spec).geometry
         self.steps, self.skipped = 0, 0
-        self.heads = [torch.zeros(g.num_heads) for g in self.geometry]
-        self.channels = [torch.zeros(g.intermediate) for g in self.geometry]
-        self.layer = torch.zeros(len(self.geometry))
+        # each layer's vectors sit next to its weights (a device_map may spread layers over GPUs)
+        where: dict[int, torch.device] = {}
+        for (i, _), w in self._weights.items():
+            where.setdefault(i, w.device)
+        devices = [where.get(i, torch.device("cpu")) for i in range(len(self.geometry))]
+        self.heads = [torch.zeros(g.num_heads, device=d) for g, d in zip(self.geometry, devices)]
+        self.channels = [torch.zeros(g.intermediate, device=d) for g, d in zip(self.geometry, devices)]
+        self.layer = torch.zeros(len(self.geometry), device=devices[0] if devices else None)
         self.elements: dict[tuple[int, str], torch.Tensor] = {}
 
     def check_coverage(self, units: set[str], layers: list[int]) -> None:
@@ -157,7 +185,26 @@ class LoRAPruneImportance(Importance):
         s = w.abs_() if self.metric == "magnitude" else w.mul_(g).abs_()
         return s.square_() if self.power == 2 else s
 
+    def _unit_parts(self, i: int, path: str, one: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This projection's l2-normalised head [H] and channel [I] vectors from its row sums [out, 1]
+        or column sums [1, in] (o/down): reduce.head_scores / channel_scores, kept on the device."""
+        spec, g = self.spec, self.geometry[i]
+        v = one.float()
+        if path == spec.q:
+            return _l2(v.reshape(g.num_heads, g.head_dim, -1).sum(dim=(1, 2))), None
+        if path == spec.o:
+            return _l2(v.reshape(-1, g.num_heads, g.head_dim).sum(dim=(0, 2))), None
+        if path in (spec.k, spec.v):
+            kv = _l2(v.reshape(g.num_kv_heads, g.head_dim, -1).sum(dim=(1, 2)))
+            return kv.repeat_interleave(g.group_size) / g.group_size, None
+        if path in spec.mlp_in:
+            return None, _l2(v.sum(dim=1))
+        if path == spec.mlp_out:
+            return None, _l2(v.sum(dim=0))
+        return None, None
+
     def _step_units(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """This step's unit vectors, computed where the weights are: no host sync."""
         heads = [torch.zeros_like(h) for h in self.heads]
         chans = [torch.zeros_like(c) for c in self.channels]
         layer = torch.zeros_like(self.layer)
@@ -167,13 +214,15 @@ class LoRAPruneImportance(Importance):
             if s is None:
                 continue
             seen = True
-            layer[i] += float(s.sum())
+            layer[i] += s.sum().to(layer.device, layer.dtype)  # as the old float(): fp64 sums round first
             # Normalisation is per module, so modules reduce one at a time. A unit is a set of rows
-            # (q/k/v/gate/up) or columns (o/down); their sums, moved to the CPU, are all it needs.
+            # (q/k/v/gate/up) or columns (o/down); their sums are all it needs.
             cols = path in (self.spec.o, self.spec.mlp_out)
-            one = {path: s.sum(dim=0 if cols else 1, keepdim=True).cpu()}  # [1, in] or [out, 1]
-            heads[i] += head_scores(self.spec, self.geometry[i], one)
-            chans[i] += channel_scores(self.spec, self.geometry[i], one)
+            h, c = self._unit_parts(i, path, s.sum(dim=0 if cols else 1, keepdim=True))  # [1, in] or [out, 1]
+            if h is not None:
+                heads[i] += h.to(heads[i].device)
+            if c is not None:
+                chans[i] += c.to(chans[i].device)
         if not seen:
             raise RuntimeError("LoRAPrune found no gradients; call observe() after loss.backward() and before optimizer.zero_grad()")
         return heads, chans, layer
@@ -183,7 +232,7 @@ class LoRAPruneImportance(Importance):
     def observe(self, model=None) -> bool:
         """Fold this step's scores into the EMA; False when the step was skipped (non-finite)."""
         heads, chans, layer = self._step_units()
-        if not all(bool(torch.isfinite(t).all()) for t in (*heads, *chans, layer)):
+        if not all_finite((*heads, *chans, layer)):  # the one host sync of the step
             self.skipped += 1
             return False
         b, a = self.beta, 1.0 - self.beta
@@ -217,14 +266,15 @@ class LoRAPruneImportance(Importance):
 
     # ---- results ------------------------------------------------------------------------------
     def unit_scores(self) -> list[dict]:
-        """EMA scores [{"heads": [H], "channels": [I], "layer": float}], as granularity.unit_scores."""
+        """EMA scores [{"heads": [H], "channels": [I], "layer": float}] on the CPU, as reduce.unit_scores."""
+        layer = _cpu(self.layer)
         return [
-            {"heads": h.clone(), "channels": c.clone(), "layer": float(self.layer[i])}
+            {"heads": _cpu(h), "channels": _cpu(c), "layer": float(layer[i])}
             for i, (h, c) in enumerate(zip(self.heads, self.channels))
         ]
 
     def layer_scores(self) -> torch.Tensor:
-        return self.layer.clone()
+        return _cpu(self.layer)
 
     def element_scores(self) -> ElementScores:
         out: ElementScores = {}
@@ -237,10 +287,10 @@ class LoRAPruneImportance(Importance):
             "metric": self.metric,
             "steps": self.steps,
             "skipped": self.skipped,
-            "heads": [h.clone() for h in self.heads],
-            "channels": [c.clone() for c in self.channels],
-            "layer": self.layer.clone(),
-            "elements": {f"{i}:{path}": t.clone() for (i, path), t in self.elements.items()},
+            "heads": [_cpu(h) for h in self.heads],
+            "channels": [_cpu(c) for c in self.channels],
+            "layer": _cpu(self.layer),
+            "elements": {f"{i}:{path}": _cpu(t) for (i, path), t in self.elements.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -252,7 +302,7 @@ class LoRAPruneImportance(Importance):
         self.elements = {}
         for name, t in state["elements"].items():
             i, path = name.split(":", 1)
-            self.elements[(int(i), path)] = t.clone()
+            self.elements[(int(i), path)] = t.to(self._weights[(int(i), path)].device, copy=True)
 
     def remove(self) -> None:
         self._weights, self._lora, self.elements = {}, {}, {}

@@ -54,11 +54,14 @@ class Criterion:
 
 
 CRITERIA: dict[str, Criterion] = {}
+# progressive: scored while LoRA trains; one_shot: scored once on calibration batches, then pruned;
+# layerwise: pruned layer by layer, each calibrated on the already-pruned earlier layers
+MODES = ("progressive", "one_shot", "layerwise")
 
 
 def register(name: str, cls: type[Importance], help: str = "", **options) -> None:
     unknown = set(cls.scores) - set(GRANULARITIES)
-    if unknown or cls.mode not in ("one_shot", "progressive"):
+    if unknown or cls.mode not in MODES:
         raise ValueError(f"criterion {name}: bad capabilities {sorted(unknown)} / mode {cls.mode!r}")
     CRITERIA[name] = Criterion(name, cls, options, help)
 

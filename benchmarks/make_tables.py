@@ -41,7 +41,7 @@ def dense_section() -> list[str]:
         "| model | test perplexity | params (decoder / total) | size | prefill 1x256 (median) | decode | peak memory of the perplexity pass |",
         "|---|---:|---:|---:|---:|---:|---:|",
         f"| SmolLM2-135M-Instruct (fp32) | {d['perplexity']:.2f} | {d['params_decoder'] / 1e6:.1f}M / {d['params_total'] / 1e6:.1f}M | "
-        f"{d['size_mb']:.0f} MB | {d['prefill_ms']:.0f} ms | {d['decode_tok_s']:.1f} tok/s | {d['peak_memory_mb']:.0f} MB |",
+        f"{d['size_mb']:.0f} MiB | {d['prefill_ms']:.0f} ms | {d['decode_tok_s']:.1f} tok/s | {d['peak_memory_mb']:.0f} MiB |",
         "",
     ]
 
@@ -82,7 +82,7 @@ def taylor_memory_section() -> list[str]:
            "| setting | with hooks | plain backward | plain / hooks |", "|---|---:|---:|---:|"]
     for key, r in d["results"].items():
         h, p = r["hooks"]["median"]["update2_peak_delta_mb"], r["plain"]["median"]["update2_peak_delta_mb"]
-        out.append(f"| {key} | {h:.0f} MB | {p:.0f} MB | {p / h:.2f} |")
+        out.append(f"| {key} | {h:.0f} MiB | {p:.0f} MiB | {p / h:.2f} |")
     out.append("")
     return out
 
@@ -122,8 +122,8 @@ def memory_section() -> list[str]:
         "",
         "| importance from | step peak (above loaded model) | process peak | gradients held |",
         "|---|---:|---:|---:|",
-        f"| LoRA gradients (LoRAPrune) | {m['lora']['peak_delta_mb']:.0f} MB | {m['lora']['peak_abs_mb']:.0f} MB | {m['lora']['grads_held_mb']:.1f} MB |",
-        f"| true weight gradient | {m['grad']['peak_delta_mb']:.0f} MB | {m['grad']['peak_abs_mb']:.0f} MB | {m['grad']['grads_held_mb']:.1f} MB |",
+        f"| LoRA gradients (LoRAPrune) | {m['lora']['peak_delta_mb']:.0f} MiB | {m['lora']['peak_abs_mb']:.0f} MiB | {m['lora']['grads_held_mb']:.1f} MiB |",
+        f"| true weight gradient | {m['grad']['peak_delta_mb']:.0f} MiB | {m['grad']['peak_abs_mb']:.0f} MiB | {m['grad']['grads_held_mb']:.1f} MiB |",
         f"| ratio | {d['ratio_step_memory_lora_over_grad']:.2f} | {d['ratio_total_process_memory_lora_over_grad']:.2f} | |",
         "",
     ]
@@ -212,9 +212,62 @@ def targets_section() -> list[str]:
     return out
 
 
+def default_run_section() -> list[str]:
+    d = _load("default_run")
+    if not d or "variants" not in d:
+        return []
+    dense = d["dense"]
+    out = [
+        "### The default run, and what distillation and the LR schedule do to it",
+        "",
+        f"`python benchmarks/default_run.py --variant NAME -- OPTIONS` ({_machine(d)}): one `slimtune prune` process per row "
+        "(20% of the decoder, heads + channels, LoRAPrune, preset quick), then the saved model's perplexity on "
+        f"{d['windows']} evenly spaced windows of the Wikipedia test split at 256 and 512 tokens, and on the Lee news corpus "
+        "(another domain, used for nothing else). Wall time on a shared CPU: other work ran at the same time, so read it as an upper bound.",
+        "",
+        "| variant | options | wall | wiki 256 | wiki 512 | news 512 | x dense (512 / news) | training peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| dense | | | {dense['wiki_test_256']:.2f} | {dense['wiki_test_512']:.2f} | {dense['news_512']:.2f} | 1.00 / 1.00 | |",
+    ]
+    for name, v in d["variants"].items():
+        p, r = v["perplexity"], v["vs_dense"]
+        mem = v.get("train_peak_memory_mib")
+        out.append(f"| {name} | `{v['command'].replace('slimtune prune', '').strip() or '(defaults)'}` | {v['wall_seconds'] / 60:.1f} min | "
+                   f"{p['wiki_test_256']:.1f} | {p['wiki_test_512']:.1f} | {p['news_512']:.1f} | {r['wiki_test_512']:.2f} / {r['news_512']:.2f} | "
+                   f"{_f(mem, '{:.0f} MiB')} |")
+    out.append("")
+    return out
+
+
+def sparse_section() -> list[str]:
+    d = _load("oneshot_sparse")
+    if not d:
+        return []
+    dense = d["dense"]
+    out = [
+        "### Unstructured and N:M: magnitude, Wanda, SparseGPT, LoRAPrune",
+        "",
+        f"`{d['command']}` ({_machine(d)}). Calibration: {d['calibration']}. Recovery: {d['recovery_steps']} LoRA steps of "
+        "2 x 256 tokens with the masks on the merged weight. Sparsity is that of the saved decoder projections. "
+        f"Dense: wiki {dense['wiki_test_256']:.2f}, news {dense['news_512']:.2f}. One-shot wall time on a shared CPU (load average beside it).",
+        "",
+        "| method | pattern | one-shot wiki / news | after recovery wiki / news | sparsity after recovery | one-shot wall (load) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in d["rows"]:
+        one = r.get("oneshot")
+        rec = r["recovered"]
+        wall = f"{r['oneshot_seconds']:.0f} s ({r['load_avg_1m']:.1f})" if one else "-"
+        one_text = f"{one['wiki_test_256']:.1f} / {one['news_512']:.1f}" if one else "-"
+        out.append(f"| {r['method']} | {r['pattern']} | {one_text} | {rec['wiki_test_256']:.1f} / {rec['news_512']:.1f} | "
+                   f"{r['recovered_sparsity']:.4f} | {wall} |")
+    out.append("")
+    return out
+
+
 def main() -> None:
     lines = [START, ""]
-    sections = (dense_section, targets_section, quality_section, fidelity_section, memory_section, overhead_section,
+    sections = (dense_section, default_run_section, sparse_section, targets_section, quality_section, fidelity_section, memory_section, overhead_section,
                 speed_section, oneshot_section, taylor_memory_section)
     for section in sections:
         lines += section()

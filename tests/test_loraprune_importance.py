@@ -214,3 +214,33 @@ def test_state_dict_round_trip_resumes_exactly():
     assert ea.keys() == eb.keys() and all(torch.equal(ea[i][p], eb[i][p]) for i in ea for p in ea[i])
     with pytest.raises(SlimtuneError, match="does not match"):
         LoRAPruneImportance(model, metric="magnitude").load_state_dict(a.state_dict())
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__")
+
+
+@pytest.mark.parametrize("keep_elements", [False, True])
+def test_observe_reads_back_to_the_host_once_per_step(monkeypatch, keep_elements):
+    """The EMA stays next to the weights: observe() reads one value back (the finite check), not
+    two per projection. Counted at the Python level (C++-internal syncs such as boolean indexing
+    are not seen here; observe uses none)."""
+    model = lora_model()
+    imp = LoRAPruneImportance(model, keep_elements=keep_elements)
+    reads = []
+
+    def counting(name, original):
+        def counted(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    for seed in (1, 2):
+        backward(model, seed)
+        reads.clear()
+        assert imp.observe(model)
+        assert reads == ["__bool__"]
+    monkeypatch.undo()
+    assert all(s["heads"].device.type == "cpu" and s["heads"].sum() > 0 for s in imp.unit_scores())

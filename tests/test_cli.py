@@ -84,6 +84,15 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["prune", "--ema", "1.0"], "--ema decay must be in [0, 1)"),
         (["prune", "--export-weights", "ema"], "needs an EMA"),
         (["prune", "--distill", "--lora-variant", "pissa"], "--distill cannot use PiSSA"),
+        (["prune", "--quant", "w4g32", "--steps", "10"], "group size 32 does not divide the 72 input features of layer 0 self_attn.q_proj"),
+        (["prune", "--quant", "w4x"], "cannot parse quantisation spec 'w4x'"),
+        (["prune", "--quant", "w4g32a"], "lsq learns a step size only"),
+        (["prune", "--quant", "w8", "--ema", "0.5"], "--ema/--swa average the LoRA weights"),
+        (["prune", "--quant", "w8", "--quant-start", "1.5"], "--quant-start 1.5 is outside [0, 1)"),
+        (["prune", "--quant", "w4g32a", "--quantizer", "lsq+", "--granularity", "unstructured"], "need a symmetric --quant"),
+        (["prune", "--gguf-type", "q4_0"], "add --export gguf"),
+        (["prune", "--export", "gguf", "--quant", "w4g32", "--gguf-type", "q8_0"], "is not what --quant w4g32 trains (Q4_0)"),
+        (["prune", "--export", "gguf"], "GGUF export writes byte-level BPE tokenizers only"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, tiny_dir, text_file, capsys, args, message):

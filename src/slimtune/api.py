@@ -41,6 +41,7 @@ from .pruning.pruner import excluded_layers, make_pruner
 from .pruning.schedules import Schedule
 from .pruning.weight_selection import module_fraction_for, parse_nm
 from .training.callback import PruneCallback
+from .training.distributed import is_main, place
 from .training.loop import Trainer, check_precision
 
 HANDLERS: dict[type, Callable] = {}
@@ -63,6 +64,8 @@ class PruneResult:
     shrink: dict = field(default_factory=dict)
     importance_skipped_updates: int = 0
     train_memory: dict = field(default_factory=dict)  # peak memory of the fine-tuning loop
+    quantizers: object = None  # with --quant: the trained QuantizerSet, keyed by the final model's (layer, path)
+    quant: dict = field(default_factory=dict)  # with --quant: spec, quantiser, when QAT started, ...
 
     @property
     def weight_level(self) -> bool:
@@ -93,6 +96,33 @@ def check_config(model: nn.Module, config: MethodConfig) -> None:
                 width = spec.decoder_layers(model)[i].get_submodule(p).in_features
                 if width % m:
                     raise SlimtuneError(f"--nm {s.nm}: layer {i} {p} has {width} inputs, not a multiple of {m}; pick an m that divides it or exclude that layer")
+    if config.quant.enabled:
+        _check_quant(model, config, spec)
+
+
+def _check_quant(model: nn.Module, config: MethodConfig, spec) -> None:
+    """--quant against the model: not already quantised, every projection a plain Linear whose inputs
+    split into whole groups (and GGUF blocks with --export gguf), heads that remove whole groups."""
+    from .models.arch import base_layer, unwrap
+
+    q = config.quant
+    qspec = q.parsed
+    root = unwrap(model)
+    if getattr(root.config, "quantization_config", None) is not None:
+        raise SlimtuneError("the model is already quantised (its config has a quantization_config); load the full-precision model to train with --quant")
+    for i, layer in enumerate(spec.decoder_layers(model)):
+        for p in spec.projections():
+            lin = base_layer(layer.get_submodule(p))
+            if type(lin) is not nn.Linear:
+                raise SlimtuneError(f"--quant needs plain nn.Linear projections; layer {i} {p} is a {type(lin).__name__}: load the full-precision model")
+            qspec.groups(lin.in_features, f"layer {i} {p}")
+            if q.gguf_blocks and lin.in_features % 32:
+                raise SlimtuneError(f"--export gguf: layer {i} {p} has {lin.in_features} inputs, not a multiple of GGUF's block of 32; use --export hf")
+    if config.quant_structured and "heads" in config.prune.units:
+        hd = spec.head_dim(root.config)
+        if hd % q.align:
+            raise SlimtuneError(f"--quant {qspec} with head pruning: one head is {hd} input columns of o_proj, not a multiple of {q.align}, so removing heads "
+                                "splits quantisation groups; prune --granularity channels or layers" + ("" if q.gguf_blocks else f", or quantise per channel (--quant w{qspec.bits})"))
 
 
 def prune_(model: nn.Module, config: MethodConfig, data: torch.Tensor | None = None, *, work_dir: str | Path | None = None,
@@ -107,6 +137,7 @@ def prune_(model: nn.Module, config: MethodConfig, data: torch.Tensor | None = N
     if fn is None:
         raise SlimtuneError(f"no pruning method is registered for {type(config).__name__}; use one of {', '.join(c.__name__ for c in HANDLERS)}")
     check_config(model, config)
+    place(model)  # in a multi-process launch: onto this process's device, before adapters and state attach
     if data is None and (config.uses_lora or get_criterion(config.criterion).needs_data):
         raise SlimtuneError(f"{type(config).__name__} with criterion '{config.criterion}' needs data: pass data=token windows [n, seq_len]")
     return fn(model, config, data, _Run(work_dir, resume, progress, adapter_dir, base_name))
@@ -120,6 +151,7 @@ class _Run:
     adapter_dir: str | Path | None
     base_name: str | None
     train_memory: dict = field(default_factory=dict)
+    qat: object = None  # the QATPhase of a --quant run
 
     @property
     def initial_dir(self) -> Path | None:
@@ -129,7 +161,7 @@ class _Run:
 def _attach(model, config: MethodConfig, run: _Run):
     torch.manual_seed(config.train.seed)  # LoRA init, dropout: a rerun (or --resume) with the same seed is identical
     net = attach_lora(model, config.lora)
-    if run.initial_dir is not None:
+    if run.initial_dir is not None and is_main():
         from .adapters import save_initial_adapters
 
         save_initial_adapters(net, run.initial_dir)
@@ -139,11 +171,15 @@ def _attach(model, config: MethodConfig, run: _Run):
 def _train(net, data, config: MethodConfig, importance, pruner, run: _Run) -> list[dict]:
     settings = copy.copy(config.train)
     settings.steps = config.steps
+    if config.quant.enabled:
+        from .quant.qat import QATPhase
+
+        run.qat = QATPhase(net, config.quant, pruner, config.quant_start_step(), config.quant_structured, config.quant.quant_lr)
     trainer = Trainer(net, data, settings, importance, pruner, checkpoint_dir=run.work_dir,
-                      distill=config.distill, averaging=config.averaging)
-    if run.progress:
+                      distill=config.distill, averaging=config.averaging, quant=run.qat)
+    if run.progress and trainer.world.main:
         t = config.train
-        print(f"[slimtune] {settings.steps} steps, global batch {t.global_batch()} x {data.shape[1]} tokens, lr {trainer.lr:.3g} "
+        print(f"[slimtune] {settings.steps} steps, global batch {t.global_batch(trainer.world.size)} x {data.shape[1]} tokens, lr {trainer.lr:.3g} "
               f"(--lr {t.lr:g} at batch {t.lr_base_batch}, rule {t.lr_rule}), {t.lr_schedule} decay"
               + (f", distillation T={config.distill.temperature} mix={config.distill.mix}" if config.distill.enabled else ""), file=sys.stderr)
     if config.criterion == "grad":  # after the Trainer took its parameters: W0 gets .grad, is never trained
@@ -164,19 +200,35 @@ def _finish(model, net, pruner, history, run: _Run, importance=None) -> PruneRes
     masks = pruner.masks
     pruner.remove_gates()
     weight_level = not hasattr(masks, "per_layer")
+    qat = run.qat if run.qat is not None and run.qat.started else None
+    shrunk = qat is not None and qat.structured  # QAT shrank the (LoRA-wrapped) model when it started
+    qweights = None
     if net is not None:
-        if run.adapter_dir is not None:
+        if qat is not None:  # Q(merged weight) exactly as the last forward computed it, before the merge rounds anything
+            qweights = qat.quantized_weights()
+            qat.remove()
+        if run.adapter_dir is not None and is_main() and not shrunk:  # shrunk adapters no longer fit the unpruned base
             from .adapters import save_adapters
 
             save_adapters(net, run.adapter_dir, initial_dir=run.initial_dir, base_name=run.base_name)
-        model = merge_keep_masks(net, None if weight_level else masks, weight_masks=masks.as_dict() if weight_level else None)
+        model = merge_keep_masks(net, None if weight_level or shrunk else masks, weight_masks=masks.as_dict() if weight_level else None)
     elif weight_level:
         zero_masked_weights(model, masks)
+    if qweights is not None:  # the HF weights are the de-quantised trained values
+        with torch.no_grad():
+            layers = get_arch(model).decoder_layers(model)
+            for (i, path), w in qweights.items():
+                dst = layers[i].get_submodule(path).weight
+                dst.copy_(w.to(device=dst.device, dtype=dst.dtype))
     # unstructured / N:M keep their shapes (zeros stored densely); structured units are sliced out
-    shrink_info = {} if weight_level else shrink_(model, masks)
+    shrink_info = qat.shrink_info if shrunk else ({} if weight_level else shrink_(model, masks))
     model.eval()
     skipped = getattr(importance, "skipped", 0) if importance is not None else 0
-    return PruneResult(model, masks, info, history, shrink_info, skipped, run.train_memory)
+    result = PruneResult(model, masks, info, history, shrink_info, skipped, run.train_memory)
+    if qat is not None:
+        result.quantizers = qat.qset
+        result.quant = qat.info(len(history))
+    return result
 
 
 @handler(LoRAPruneConfig)
@@ -200,6 +252,10 @@ def _one_shot(model, config: OneShotConfig, data, run: _Run) -> PruneResult:
             importance.update(net, batch_at(data, config.train.batch_size, config.train.seed + 1, b).to(device))
     pruner = make_pruner(net, config.prune, importance, total_steps=1)
     pruner.finalize()
+    if config.quant_structured:  # while the criterion's scores are still there: QAT shrinks to whole groups
+        from .quant.qat import align_channels_
+
+        align_channels_(pruner, config.quant.align)
     importance.remove()
     history = _train(net, data, config, None, pruner, run) if config.uses_lora else []
     return _finish(model, net if config.uses_lora else None, pruner, history, run)
@@ -235,6 +291,8 @@ class PruneSession:
     def __init__(self, model: nn.Module, config: LoRAPruneConfig, total_steps: int):
         if not isinstance(config, LoRAPruneConfig):
             raise SlimtuneError(f"PruneSession runs progressive methods (LoRAPruneConfig); for {type(config).__name__} call prune_")
+        if config.quant.enabled:
+            raise SlimtuneError("PruneSession does not run quantisation-aware training yet; call slimtune.prune_ with --quant settings, or drop them")
         check_config(model, config)
         self._base, self.config = model, config
         # PiSSA converts its adapter against the initial one at save time: keep that in a temp dir

@@ -10,7 +10,7 @@ import warnings
 from .cli_gen import OneLineParser, add_fields, build, given
 from .errors import SlimtuneError
 
-SECTIONS = (("prune", ""), ("train", ""), ("lora", "lora-"), ("distill", "distill-"), ("averaging", ""))  # (section field, flag prefix)
+SECTIONS = (("prune", ""), ("train", ""), ("lora", "lora-"), ("distill", "distill-"), ("averaging", ""), ("quant", ""))  # (section field, flag prefix)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +49,10 @@ def _prune(values: dict) -> int:
     values = apply_preset(values, values.get("preset", "auto"))
     job = build(PruneJob, values)
     report = run_prune(job, progress=not job.quiet)
+    from .training.distributed import is_main
+
+    if not is_main():  # accelerate launch / torchrun: rank 0 prints and writes
+        return 0
     if report["before"] and report["after"]:
         print_results({"dense": report["before"], "pruned": report["after"]})
     sp = report["sparsity"]

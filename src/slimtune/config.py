@@ -17,6 +17,7 @@ from .adapters.lora import LoraSettings
 from .errors import SlimtuneError
 from .importance.registry import get_criterion
 from .pruning.pruner import PruneSettings
+from .quant.qat import QuantSettings
 from .training.averaging import AveragingSettings
 from .training.distill import DistillSettings
 from .training.loop import TrainSettings
@@ -29,6 +30,7 @@ class MethodConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
     averaging: AveragingSettings = field(default_factory=AveragingSettings)
+    quant: QuantSettings = field(default_factory=QuantSettings)
     criterion: str = "loraprune"
     mode = "progressive"  # which registered criteria this config accepts
 
@@ -41,6 +43,51 @@ class MethodConfig:
             raise SlimtuneError("--distill cannot use PiSSA: it rewrites the base weights, so no dense teacher is left; use --lora-variant lora, rslora or dora")
         if self.prune.weight_level and self.lora.variant == "dora" and self.uses_lora:
             raise SlimtuneError("unstructured and N:M masks act on the merged weight, which DoRA renormalises; use --lora-variant lora, rslora or pissa")
+        if self.quant.enabled:
+            self._check_quant()
+
+    @property
+    def quant_structured(self) -> bool:
+        """QAT that must shrink the model first: structured pruning to a sparsity above 0."""
+        return self.quant.enabled and not self.prune.weight_level and self.prune.sparsity > 0
+
+    def quant_start_step(self) -> int:
+        """The step after which fake quantisation is on: --quant-start, else the end of a progressive
+        pruning ramp, else 0."""
+        if self.quant.quant_start is not None:
+            return int(round(self.quant.quant_start * self.steps))
+        if self.mode == "progressive" and self.prune.sparsity > 0:
+            return self._schedule().end
+        return 0
+
+    def _schedule(self):
+        from .pruning.schedules import Schedule
+
+        s = self.prune
+        return Schedule(s.sparsity, self.steps, s.schedule, 0.0, s.warmup, s.cooldown)
+
+    def _check_quant(self) -> None:
+        """Combinations QAT cannot honour, refused before any model is loaded."""
+        q, spec = self.quant, self.quant.parsed
+        if not self.uses_lora:
+            raise SlimtuneError("--quant trains the quantisers with the LoRA adapters, but --recover-steps 0 leaves no training; pass --recover-steps N or drop --quant")
+        if self.lora.variant == "dora":
+            raise SlimtuneError("--quant fake-quantises the merged weight W0 + s·B·A, which DoRA renormalises; use --lora-variant lora, rslora or pissa")
+        if self.averaging.enabled:
+            raise SlimtuneError("--ema/--swa average the LoRA weights, but the quantiser steps were trained for the last ones; drop --ema/--swa with --quant")
+        prunes_weights = self.prune.weight_level and (self.prune.sparsity > 0 or self.prune.granularity.strip().lower() == "nm")
+        if prunes_weights and not spec.symmetric:
+            raise SlimtuneError(f"unstructured and N:M pruning need a symmetric --quant (0 must be a code, so pruned weights stay 0); use {str(spec)[:-1]} with --quantizer lsq or fake")
+        if self.quant_structured and self.distill.enabled:
+            raise SlimtuneError("--distill with structured pruning and --quant: the model is shrunk when QAT starts, so no dense teacher is left; drop --distill, or prune with --granularity unstructured or nm")
+        start = self.quant_start_step()
+        if start >= self.steps:
+            raise SlimtuneError(f"QAT would start at step {start} of {self.steps} and train no step; lower --quant-start, raise --cooldown or --steps")
+        if self.quant_structured and self.mode == "progressive":
+            end = self._schedule().end
+            if start < end:
+                raise SlimtuneError(f"--quant-start {q.quant_start} turns QAT on at step {start}, before the pruning ramp ends at step {end}: group scales "
+                                    f"cannot follow channel removal; use --quant-start {end / self.steps:.2f} or more (or leave it out)")
 
     @property
     def uses_lora(self) -> bool:

@@ -31,12 +31,17 @@ from .importance import CRITERIA
 from .io import check_output_dir, check_writable_parent
 from .models import get_arch, load_model
 from .pruning.pruner import PruneSettings
+from .quant.qat import QuantSettings
 from .runtime import check_seq_len, pick_device
+from .training import distributed
 from .training.averaging import AveragingSettings
 from .training.distill import DistillSettings
 from .training.loop import LOG, TrainSettings
 
 DTYPES = ("float32", "bfloat16", "float16")
+EXPORTS = ("hf", "gguf")
+GGUF_TYPES = ("f16", "bf16", "f32", "q8_0", "q4_0", "q4_1")  # export/gguf.py GGUF_DTYPES
+GGUF_FILE = "model.gguf"
 RELOAD_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}  # max |logit diff| of the saved model
 
 PRESETS = {
@@ -96,6 +101,8 @@ class PruneJob(EvalJob):
     blocksize: int = field(default=128, metadata=_help("sparsegpt: columns per block of lazy weight updates"))
     recover_steps: int | None = field(default=None, metadata=_help("one-shot criteria: LoRA recovery steps after pruning (default: --steps; 0 = none)"))
     evaluate: bool = field(default=True, metadata=_help("skip the before/after evaluation", flag="--no-eval"))
+    export: str = field(default="hf", metadata=_help(f"hf: a Hugging Face directory; gguf: that directory plus {GGUF_FILE} for llama.cpp (Llama/Mistral)", choices=EXPORTS))
+    gguf_type: str | None = field(default=None, metadata=_help("type of the GGUF projections (default: the type QAT trained, e.g. q4_0 for --quant w4g32; else f16)", choices=GGUF_TYPES))
     evaluate_dense: bool = field(default=True, metadata={"cli": False})  # benchmarks measure the dense model once
     split: str = field(default="test", metadata={"cli": False})
     prune: PruneSettings = field(default_factory=PruneSettings)
@@ -103,11 +110,44 @@ class PruneJob(EvalJob):
     lora: LoraSettings = field(default_factory=LoraSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
     averaging: AveragingSettings = field(default_factory=AveragingSettings)
+    quant: QuantSettings = field(default_factory=QuantSettings)
     command: str = field(default="", metadata={"cli": False})
 
     def __post_init__(self):
         super().__post_init__()
+        self._check_export()
         self.method  # noqa: B018 (the method config validates criterion x granularity x adapters before any loading)
+
+    def _check_export(self) -> None:
+        """--export / --gguf-type against --quant, before any loading; with the trained codes going to
+        GGUF, every quantised width must split into its blocks of 32 (checked on the model later)."""
+        if self.export not in EXPORTS:
+            raise SlimtuneError(f"unknown --export '{self.export}'; choose {', '.join(EXPORTS)}")
+        if self.gguf_type is not None:
+            self.gguf_type = str(self.gguf_type).lower()
+            if self.gguf_type not in GGUF_TYPES:
+                raise SlimtuneError(f"unknown --gguf-type '{self.gguf_type}'; choose {', '.join(GGUF_TYPES)}")
+            if self.export != "gguf":
+                raise SlimtuneError("--gguf-type sets the type of the GGUF file; add --export gguf")
+        self.quant.gguf_blocks = False
+        if self.export != "gguf" or not self.quant.enabled:
+            return
+        trained = self.quant.parsed.gguf_type
+        if self.gguf_type is None and trained is None:
+            raise SlimtuneError(f"--quant {self.quant.spec} has no GGUF block type; use w8g32 (Q8_0), w4g32 (Q4_0) or w4g32a (Q4_1), "
+                                "or pass --gguf-type f16 to write the de-quantised weights as floats")
+        if self.gguf_type is not None and self.gguf_type not in ("f16", "bf16", "f32") and self.gguf_type.upper() != trained:
+            raise SlimtuneError(f"--gguf-type {self.gguf_type} is not what --quant {self.quant.spec} trains ({trained or 'no GGUF block type'}); "
+                                "leave --gguf-type out to write the trained codes, or pick f16, bf16 or f32")
+        self.quant.gguf_blocks = self.gguf_type is None or self.gguf_type.upper() == trained
+
+    @property
+    def gguf_dtype(self) -> str:
+        """The GGUF type of the projections: --gguf-type, else what QAT trained, else f16."""
+        if self.gguf_type is not None:
+            return self.gguf_type
+        trained = self.quant.parsed.gguf_type if self.quant.enabled else None
+        return trained.lower() if trained else "f16"
 
     @property
     def method(self) -> MethodConfig:
@@ -119,7 +159,7 @@ class PruneJob(EvalJob):
         if cls is LayerwiseConfig:
             extra.update(percdamp=self.percdamp, blocksize=self.blocksize)
         return cls(prune=self.prune, lora=self.lora, train=self.train, distill=self.distill, averaging=self.averaging,
-                   criterion=self.criterion, **extra)
+                   quant=self.quant, criterion=self.criterion, **extra)
 
 
 def auto_preset(device: str) -> tuple[str, dict]:
@@ -135,7 +175,7 @@ def apply_preset(values: dict, name: str) -> dict:
     extra = {}
     if name == "auto":
         name, extra = auto_preset(values.get("device", "auto"))
-        if not values.get("quiet"):
+        if not values.get("quiet") and distributed.is_main():
             print(f"[slimtune] --preset auto: {name} for this device{' with bf16 autocast' if extra else ''}", file=sys.stderr)
     if name not in PRESETS:
         raise SlimtuneError(f"unknown preset '{name}'; choose auto or one of {', '.join(PRESETS)}")
@@ -167,6 +207,8 @@ def run_eval(job: EvalJob) -> dict:
 
 def run_prune(job: PruneJob, progress: bool = True) -> dict:
     t0 = time.time()
+    world = distributed.setup(job.device)  # accelerate launch / torchrun: every process runs this job; rank 0 writes
+    progress = progress and world.main
     # never a regular file, the input model or data, or a directory slimtune did not write
     out = check_output_dir(job.out, job.overwrite, [job.model, job.data])
     work = out.parent / f".{out.name}.work"  # checkpoints live here until the job succeeds
@@ -174,12 +216,16 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
         raise SlimtuneError(f"nothing to resume: no checkpoint in {work}; run without --resume")
     config = job.method
     _check_resume(job, work)
-    model, tokenizer = load_model(job.model, dtype=getattr(torch, job.dtype), device=pick_device(job.device))
+    model, tokenizer = load_model(job.model, dtype=getattr(torch, job.dtype), device=world.device or pick_device(job.device))
     check_config(model, config)  # criterion x granularity x adapters x model shapes: before any work
+    if job.export == "gguf":
+        from .export.gguf import check_gguf
+
+        check_gguf(model, tokenizer)  # architecture, rope, tokenizer: refused now, not after training
     check_seq_len(model, job.seq_len)
     train_tokens = load_tokens(job.data, tokenizer, "train", job.seq_len)
     test_tokens = load_tokens(job.data, tokenizer, "test", job.seq_len, max_sequences=job.eval_windows)
-    before = _evaluate(model, test_tokens, job, "dense", progress) if job.evaluate and job.evaluate_dense else None
+    before = _evaluate(model, test_tokens, job, "dense", progress) if job.evaluate and job.evaluate_dense and world.main else None
     base_name = getattr(model.config, "name_or_path", None) or job.model
 
     result = prune_(model, config, train_tokens, work_dir=work, resume=job.resume, progress=progress,
@@ -189,7 +235,7 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     if sp.get("shortfall", 0.0) > 5e-4:
         print(f"[slimtune] warning: reached sparsity {sp['achieved']:.4f}, {sp['shortfall']:.4f} short of the target {sp['target']}: "
               "the granularity's units are too coarse for an exact hit", file=sys.stderr)
-    after = _evaluate(model, test_tokens, job, "pruned", progress) if job.evaluate else None
+    after = _evaluate(model, test_tokens, job, "pruned", progress) if job.evaluate and world.main else None
     report = {
         "command": job.command or _command(),
         "job": _jsonable(job),
@@ -204,6 +250,7 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
         "history": result.history,
         "train_memory": result.train_memory,
         "importance_skipped_updates": result.importance_skipped_updates,
+        "quant": result.quant or None,
         "wall_seconds": None,
     }
     tolerance = RELOAD_TOLERANCE[job.dtype]
@@ -222,19 +269,72 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
         report["reload_max_abs_diff"] = diff = _reload_check(model, tmp, test_tokens)
         if not diff <= tolerance:
             raise SlimtuneError(f"the saved model disagrees with the pruned model (max |logit diff| {diff:.3g} > {tolerance}); nothing was written to {out}; please report this")
+        if job.export == "gguf":
+            report["gguf"] = _write_gguf(model, tokenizer, tmp / GGUF_FILE, job, result.quantizers)
         report["wall_seconds"] = time.time() - t0
         write_report(tmp, report)
+        if report["quant"] or report.get("gguf"):
+            from .io import atomic_write_text
 
-    save_model(model, out, tokenizer=tokenizer, overwrite=True, extra=extra)
-    import shutil
+            md = tmp / "report.md"
+            atomic_write_text(md, md.read_text().rstrip("\n") + "\n\n" + _export_section(report, job) + "\n")
 
-    shutil.rmtree(work, ignore_errors=True)
+    if world.main:
+        save_model(model, out, tokenizer=tokenizer, overwrite=True, extra=extra)
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    world.barrier()
     return report
+
+
+def _write_gguf(model, tokenizer, path: Path, job: PruneJob, quantizers) -> dict:
+    """model.gguf next to the HF files: the trained codes and scales when QAT ran (and the type is
+    the trained one), else the merged weights at --gguf-type. Returns a short summary."""
+    from collections import Counter
+
+    from .export.gguf import BLOCK_TYPES, export_gguf
+
+    dtype = job.gguf_dtype
+    info = export_gguf(model, tokenizer, path, dtype=dtype, quantizers=quantizers if quantizers is not None and dtype in BLOCK_TYPES else None)
+    return {"file": path.name, "type": dtype, "architecture": info["architecture"], "bytes": info["bytes"],
+            "bits_per_weight": info["bits_per_weight"], "tensor_types": dict(Counter(info["tensors"].values())),
+            "from_trained_quantizers": quantizers is not None and dtype in BLOCK_TYPES, "fallback_f16": info["fallback_f16"]}
+
+
+def _export_section(report: dict, job: PruneJob) -> str:
+    """report.md: what QAT trained and what the saved files hold."""
+    lines = []
+    q, g = report.get("quant"), report.get("gguf")
+    if q:
+        lines += ["## Quantisation-aware training", "",
+                  f"- {q['spec']} with {q['quantizer']} quantisers on {q['modules']} projections, fake-quantised from step {q['start_step']} "
+                  f"({q['qat_steps']} QAT step{'' if q['qat_steps'] == 1 else 's'}): the forward used Q((W0 + s·B·A) ⊙ mask)"]
+        if q.get("shrunk_at_start"):
+            lines.append(f"- structured pruning: the model was shrunk when QAT started, every MLP width a multiple of {q['channels_aligned_to']} "
+                         f"({q['channels_moved_for_alignment']} channels moved to get there); AdamW moments restarted; the LoRA adapter "
+                         "for the unpruned base is not saved (its factors were sliced)")
+        exact = "exactly" if job.dtype == "float32" else f"rounded to {job.dtype}"
+        lines.append(f"- the Hugging Face weights here are the de-quantised values of the trained quantisers (scale·code [+ offset]), "
+                     f"stored {exact}, so transformers users get what QAT trained")
+    if g:
+        how = "the trained codes and fp16 scales, bit for bit" if g["from_trained_quantizers"] else "the merged weights"
+        types = ", ".join(f"{n} {t}" for t, n in sorted(g["tensor_types"].items()))
+        lines += ["", "## GGUF", "", f"- `{g['file']}` ({g['architecture']}, {g['bytes'] / 2**20:.1f} MiB, {g['bits_per_weight']:.2f} bits per parameter): "
+                  f"projections {g['type'].upper()} holding {how}; tensors: {types}"]
+        if g["fallback_f16"]:
+            lines.append(f"- written as F16 (rows not a multiple of 32): {', '.join(g['fallback_f16'])}")
+        run = f"- run it: `llama-cli -m {g['file']} -p \"...\"` (llama.cpp)"
+        if g["architecture"] == "llama":  # transformers' GGUF loader does not read `deci` (per-layer sizes)
+            run += f", or `AutoModelForCausalLM.from_pretrained(dir, gguf_file=\"{g['file']}\")` (de-quantises to float)"
+        lines.append(run)
+    return "\n".join(lines)
 
 
 RESUME_FILE = "job.json"
 # options that change what a run computes; the others (--quiet, --out, evaluation sizes ...) may differ on --resume
-RESULT_FIELDS = ("model", "data", "seq_len", "dtype", "criterion", "calib_batches", "recover_steps", "prune", "train", "lora", "distill", "averaging")
+RESULT_FIELDS = ("model", "data", "seq_len", "dtype", "criterion", "calib_batches", "recover_steps", "prune", "train", "lora", "distill", "averaging", "quant")
+FLAGS = {"quant.spec": "--quant", "quant.gguf_blocks": "--export"}  # settings whose flag is not --<field name>
 NEUTRAL = {"train.checkpoint_every"}
 
 
@@ -257,11 +357,11 @@ def _check_resume(job: PruneJob, work: Path) -> None:
         before = json.loads(saved.read_text())
         for key in sorted(set(before) | set(settings)):
             if before.get(key) != settings.get(key):
-                flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+                flag = FLAGS.get(key) or "--" + key.rsplit(".", 1)[-1].replace("_", "-")
                 raise SlimtuneError(f"cannot resume: {key} was {before.get(key)!r} in the interrupted run and is {settings.get(key)!r} now; "
                                     f"resume with the original {flag}, or start over without --resume")
         return
-    if not job.resume:
+    if not job.resume and distributed.is_main():
         atomic_write_json(saved, settings)
 
 

@@ -302,6 +302,29 @@ def _file_type(proj_type: str) -> int:
 
 
 # ---- the exporter --------------------------------------------------------------------------------
+def _check_model(root: nn.Module) -> None:
+    """What the exporter cannot write, read off the config: the architecture, the head size, the rope."""
+    config = root.config
+    model_type = base_model_type(getattr(config, "model_type", "") or "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SlimtuneError(f"GGUF export supports {', '.join(SUPPORTED_MODEL_TYPES)} models, not {model_type}; save a Hugging Face directory instead (--export hf)")
+    hd = get_arch(root).head_dim(config)
+    if hd % 2:
+        raise SlimtuneError(f"GGUF's rotary layout needs an even head dimension, this model's is {hd}; save a Hugging Face directory instead (--export hf)")
+    _, rope_kind, _ = _rope_settings(config, hd)
+    if rope_kind not in ("default", "linear", "llama3"):
+        raise SlimtuneError(f"rope scaling '{rope_kind}' is not supported by the GGUF exporter (supported: default, linear, llama3); save a Hugging Face directory instead (--export hf)")
+
+
+def check_gguf(model: nn.Module, tokenizer=None, pre: str | None = None) -> None:
+    """Refuse, without writing anything, what `export_gguf` would refuse about this model and its
+    tokenizer (architecture, head size, rope scaling, tokenizer type): call it before training."""
+    root = unwrap(model)
+    _check_model(root)
+    if tokenizer is not None:
+        tokenizer_fields(tokenizer, root.get_input_embeddings().weight.shape[0], pre)
+
+
 def export_gguf(
     model: nn.Module,
     tokenizer,
@@ -329,9 +352,7 @@ def export_gguf(
     if any(hasattr(m, "lora_A") for m in root.modules()):
         raise SlimtuneError("the model still has LoRA adapters; merge them first (merge_keep_masks) and export the merged model")
     config = root.config
-    model_type = base_model_type(getattr(config, "model_type", "") or "")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise SlimtuneError(f"GGUF export supports {', '.join(SUPPORTED_MODEL_TYPES)} models, not {model_type}; save a Hugging Face directory instead")
+    _check_model(root)
     spec = get_arch(root)
     layers = spec.decoder_layers(root)
     hd = spec.head_dim(config)
@@ -354,8 +375,6 @@ def export_gguf(
     vocab_size = embed.shape[0]
     fields = tokenizer_fields(tokenizer, vocab_size, pre) if tokenizer is not None else None
     theta, rope_kind, rope_params = _rope_settings(config, hd)
-    if rope_kind not in ("default", "linear", "llama3"):
-        raise SlimtuneError(f"rope scaling '{rope_kind}' is not supported by the GGUF exporter; supported: default, linear, llama3")
 
     report = {"path": str(path), "architecture": arch, "layers": shapes, "tensors": {}, "fallback_f16": []}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -499,4 +518,4 @@ def expected_bits(dtype: str) -> float:
     return 8.0 * size / block
 
 
-__all__ = ["BLOCK_TYPES", "FLOAT_TYPES", "GGUF_DTYPES", "export_gguf", "expected_bits", "gguf_state_dict", "pack_blocks", "quantizer_blocks", "rope_permutation", "tokenizer_fields"]
+__all__ = ["BLOCK_TYPES", "FLOAT_TYPES", "GGUF_DTYPES", "check_gguf", "export_gguf", "expected_bits", "gguf_state_dict", "pack_blocks", "quantizer_blocks", "rope_permutation", "tokenizer_fields"]

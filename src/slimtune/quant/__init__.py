@@ -53,9 +53,11 @@ from .fake import (
 from .lsq import LSQPlusQuantizer, LSQQuantizer
 
 QUANTIZERS: dict[str, type[WeightQuantizer]] = {"fake": FakeQuantizer, "lsq": LSQQuantizer, "lsq+": LSQPlusQuantizer}
+INITS = ("paper", "mse")  # learned quantisers: the paper's init, or the least rounding error (LSQQuantizer.init_mse_)
 
 __all__ = [
     "GGUF_BLOCK",
+    "INITS",
     "QUANTIZERS",
     "FakeQuantizer",
     "LSQPlusQuantizer",
@@ -138,7 +140,8 @@ class QuantizerSet(nn.Module):
     """One quantiser per decoder projection (q, k, v, o, gate, up, down) of every non-excluded layer.
 
     Initialised from the current merged weights (W0 + s·B·A, zero-masked by `weight_masks` if
-    given: {(layer, path): bool keep}). Index with `qs[layer, path]`; `keys()` lists (layer, path).
+    given: {(layer, path): bool keep}); `init="mse"` starts learned step sizes (and offsets) at the
+    least rounding error per group instead of the paper's init. Index with `qs[layer, path]`; `keys()` lists (layer, path).
     """
 
     def __init__(
@@ -149,8 +152,11 @@ class QuantizerSet(nn.Module):
         excluded: set[int] | frozenset[int] = frozenset(),
         weight_masks: dict | None = None,
         fp16_params: bool = True,
+        init: str = "paper",
     ):
         super().__init__()
+        if init not in INITS:
+            raise SlimtuneError(f"unknown quantiser init '{init}'; choose {', '.join(INITS)}")
         from ..models.arch import get_arch
 
         self.spec = QuantSpec.parse(spec)
@@ -170,7 +176,10 @@ class QuantizerSet(nn.Module):
                     if keep is not None:
                         w = w.masked_fill(~keep.to(device=w.device, dtype=torch.bool), 0.0)
                 name = f"layer {i} {path}"
-                self.quantizers[_key(i, path)] = make_quantizer(self.kind, self.spec, w, name=name, fp16_params=fp16_params).to(w.device)
+                q = make_quantizer(self.kind, self.spec, w, name=name, fp16_params=fp16_params)
+                if init == "mse" and hasattr(q, "init_mse_"):
+                    q.init_mse_(w)
+                self.quantizers[_key(i, path)] = q.to(w.device)
                 self._keys.append((i, path))
 
     def keys(self) -> list[tuple[int, str]]:

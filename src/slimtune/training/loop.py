@@ -4,7 +4,14 @@ Both run the per-step order of training/step.py once per optimiser step:
     backward -> clip -> importance.observe(model) -> optimizer.step() -> pruner.step(t)
 The learning rate warms up linearly and then follows `lr_schedule` (transformers' schedulers).
 Checkpoints hold the trainable (LoRA) weights, the optimiser and LR-scheduler state, the masks, the
-importance EMA and the RNG state, so `--resume` reproduces an uninterrupted run exactly.
+importance EMA and the RNG state (of every process), so `--resume` reproduces an uninterrupted run
+exactly.
+
+Under `accelerate launch` / `torchrun` (distributed.py) every process runs this loop on its own
+share of each global batch: rank r of W takes micro-batch index (step x accumulation + micro) x W + r,
+which are the same rows, in the same order, that one process with a W times larger micro-batch
+takes. The gradients are averaged before clipping, so every rank observes, steps and prunes alike;
+only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +32,7 @@ from ..data import batch_at
 from ..errors import SlimtuneError
 from ..io import atomic_write_bytes
 from ..models.arch import unwrap
+from . import distributed
 from .averaging import AveragingSettings, WeightAverager
 from .distill import DistillSettings, dense_teacher, distill_loss
 from .loss import causal_lm_loss
@@ -124,8 +133,12 @@ class Trainer:
     """Minimal LoRA fine-tuning loop with pruning hooks, checkpoints and resume."""
 
     def __init__(self, model, tokens: torch.Tensor, settings: TrainSettings, importance=None, pruner=None, checkpoint_dir=None,
-                 distill: DistillSettings | None = None, averaging: AveragingSettings | None = None, devices: int = 1):
+                 distill: DistillSettings | None = None, averaging: AveragingSettings | None = None, devices: int | None = None, quant=None):
+        """devices: the device count the LR rule assumes (default: the processes of this launch);
+        quant: a quantisation-aware training phase (quant/qat.py), switched on by `run` and checkpointed."""
         self.model, self.tokens, self.s = model, tokens, settings
+        self.quant = quant
+        self.world = distributed.current()
         self.importance, self.pruner = importance, pruner
         self.prune_step = PruneStep(importance, pruner)
         self.checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
@@ -134,14 +147,14 @@ class Trainer:
         self.params = _trainable(model)
         if not self.params:
             raise SlimtuneError("nothing to train: no parameter requires grad (were LoRA adapters attached?)")
-        self.lr = settings.effective_lr(devices)
+        self.lr = settings.effective_lr(self.world.size if devices is None else devices)
         self.opt = torch.optim.AdamW(list(self.params.values()), lr=self.lr, weight_decay=settings.weight_decay)
         self.sched = lr_scheduler(self.opt, settings)
         self.step = 0
         self.history: list[dict] = []
         # the dense teacher is this same model with adapters off and masks open: no second copy
         self.distill = distill if distill is not None and distill.enabled else None
-        self.teacher = dense_teacher(model, getattr(pruner, "gates", None)) if self.distill else None
+        self.teacher = dense_teacher(model, getattr(pruner, "gates", None), quant) if self.distill else None
         self.averager = WeightAverager(self.params, averaging, settings.steps) if averaging is not None and averaging.enabled else None
         self.log = Path(checkpoint_dir) / LOG if checkpoint_dir else None
         check_precision(model, settings.mixed_precision)
@@ -152,11 +165,64 @@ class Trainer:
             if hasattr(base, "enable_input_require_grads"):
                 base.enable_input_require_grads()
             base.config.use_cache = False
+        if self.world.enabled:
+            self._join()
+
+    def _join(self) -> None:
+        """Start every rank alike: rank 0's adapter weights and masks (one-shot masks were computed on
+        every rank from the same batches; this removes any kernel-level difference), then a dropout
+        stream of its own (the data already differ by rank)."""
+        device = next(self.model.parameters()).device
+        if device != self.world.device:
+            raise SlimtuneError(f"process {self.world.rank} holds the model on {device}, not on its own device {self.world.device}; "
+                                "move it there before attaching adapters (slimtune.prune_ does this)")
+        self.world.broadcast_(list(self.params.values()))
+        self._sync_masks()
+        torch.manual_seed(self.s.seed + self.world.rank)
+
+    def _synced(self) -> list[torch.Tensor]:
+        """What the ranks average, in the same order everywhere: every optimised parameter (adapters,
+        any extra groups) and every other one that requires grad (W0 observed with metric="grad")."""
+        seen, out = set(), []
+        for p in (*(p for g in self.opt.param_groups for p in g["params"]), *self.model.parameters()):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def _sync_masks(self) -> None:
+        masks = getattr(self.pruner, "masks", None)
+        if self.world.enabled and isinstance(masks, nn.Module):
+            self.world.broadcast_(list(masks.buffers()))
+
+    def rebuild_optimizer(self, extra_groups: list[dict] = ()) -> None:
+        """A new AdamW over `self.params` plus `extra_groups` (param-group dicts with their own lr, e.g.
+        quantiser step sizes), its LR schedule continued at the current step; parameters that stay
+        keep their AdamW state."""
+        old = self.opt
+        self.opt = torch.optim.AdamW([{"params": list(self.params.values())}, *extra_groups], lr=self.lr, weight_decay=self.s.weight_decay)
+        for p in self.opt.param_groups[0]["params"]:
+            if p in old.state:
+                self.opt.state[p] = old.state[p]
+        self.sched = lr_scheduler(self.opt, self.s)
+        self.sched.last_epoch = self.step
+        lrs = [base * fn(self.step) for base, fn in zip(self.sched.base_lrs, self.sched.lr_lambdas)]
+        for group, lr in zip(self.opt.param_groups, lrs):
+            group["lr"] = lr
+        self.sched._last_lr = lrs
 
     # ---- checkpoints ------------------------------------------------------------------
+    def _rng_state(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(device)
+        return state
+
     def state_dict(self) -> dict:
         return {
             "step": self.step,
+            "world_size": self.world.size,
             "trainable": {n: p.detach().clone() for n, p in self.params.items()},
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
@@ -164,20 +230,30 @@ class Trainer:
             **self.prune_step.state_dict(),
             "averager": self.averager.state_dict() if self.averager is not None else None,
             "history": self.history,
-            "rng": torch.get_rng_state(),
+            "rng": [self._rng_state()],  # one per rank
+            "quant": self.quant.state_dict() if self.quant is not None else None,
         }
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes (with every rank's RNG state); the others wait until it has."""
         if self.checkpoint is None:
             return
-        buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
-        atomic_write_bytes(self.checkpoint, buf.getvalue())
+        rng = self.world.gather(self._rng_state())
+        if self.world.main:
+            state = self.state_dict()
+            state["rng"] = rng
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            atomic_write_bytes(self.checkpoint, buf.getvalue())
+        self.world.barrier()
 
     def load_checkpoint(self) -> bool:
         if self.checkpoint is None or not self.checkpoint.is_file():
             return False
         state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+        self.prune_step.load_state_dict(state)  # masks first: a started QAT phase shrinks the model along them
+        if self.quant is not None:
+            self.quant.load_state_dict(self, state.get("quant"))
         params = self.params
         missing = set(state["trainable"]) ^ set(params)
         if missing:
@@ -188,17 +264,39 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.prune_step.load_state_dict(state)
         if self.averager is not None:
             if state.get("averager") is None:
                 raise SlimtuneError(f"checkpoint {self.checkpoint} has no --ema/--swa average; resume with the original options")
             self.averager.load_state_dict(state["averager"])
         self.history = state["history"]
-        if self.log is not None:  # rows logged after this checkpoint belong to the interrupted run
+        if self.log is not None and self.world.main:  # rows logged after this checkpoint belong to the interrupted run
             self.log.write_text("".join(json.dumps(row) + "\n" for row in self.history))
         self.step = state["step"]
-        torch.set_rng_state(state["rng"])
+        rng = state["rng"]
+        rng = [{"cpu": rng}] if isinstance(rng, torch.Tensor) else rng  # checkpoints before per-rank states
+        mine = rng[self.world.rank % len(rng)]
+        torch.set_rng_state(mine["cpu"])
+        device = next(self.model.parameters()).device
+        if device.type == "cuda" and "cuda" in mine:
+            torch.cuda.set_rng_state(mine["cuda"], device)
+        saved = int(state.get("world_size", 1))
+        if saved != self.world.size:
+            self._resized(saved)
         return True
+
+    def _resized(self, saved: int) -> None:
+        """A checkpoint of `saved` processes resumed by another number: follow the new global batch, and say so."""
+        before, after = self.s.global_batch(saved), self.s.global_batch(self.world.size)
+        lambdas = getattr(self.sched, "lr_lambdas", None)
+        if lambdas is not None:  # the adapters' group takes the LR rule's value for this global batch, at the schedule's position
+            group = self.opt.param_groups[0]
+            group["initial_lr"], group["lr"] = self.lr, self.lr * lambdas[0](self.sched.last_epoch)
+            self.sched.base_lrs[0] = self.lr
+            self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+        if self.world.main:
+            print(f"[slimtune] warning: resuming a {saved}-process checkpoint with {self.world.size} process(es): the global batch "
+                  f"changes from {before} to {after} sequences (lr now {self.lr:.3g}) and later steps draw other batches, so the "
+                  f"result will differ from an uninterrupted run; resume with {saved} process(es) to continue exactly", file=sys.stderr)
 
     # ---- loop -------------------------------------------------------------------------
     def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -212,16 +310,22 @@ class Trainer:
         s, model = self.s, self.model
         model.train()
         device = next(model.parameters()).device
+        world = self.world
         sums: dict[str, torch.Tensor] = {}
         for micro in range(s.grad_accum):
-            batch = batch_at(self.tokens, s.batch_size, s.seed, self.step * s.grad_accum + micro).to(device)
+            # rank r's share of the global micro-batch: the rows one process with W x the batch would take
+            index = (self.step * s.grad_accum + micro) * world.size + world.rank
+            batch = batch_at(self.tokens, s.batch_size, s.seed, index).to(device)
             with _autocast(model, s.mixed_precision):
                 loss, parts = self._loss(batch)
                 loss = loss / s.grad_accum
             self.scaler.scale(loss).backward()
             for key, value in {"loss": loss.detach(), **{k: v / s.grad_accum for k, v in parts.items()}}.items():
                 sums[key] = sums.get(key, 0) + value
-        values = {k: float(v) for k, v in sums.items()}  # the one host sync of the step
+        if world.enabled:  # average the gradients and the losses over the ranks; reading the losses is the one sync
+            values = dict(zip(sums, world.average_gradients(self._synced(), list(sums.values()))))
+        else:
+            values = {k: float(v) for k, v in sums.items()}  # the one host sync of the step
         if not math.isfinite(values["loss"]):
             where = f"; the last good checkpoint is {self.checkpoint} (resume with --resume after lowering --lr)" if self.checkpoint and self.checkpoint.is_file() else "; lower --lr"
             raise SlimtuneError(f"loss became {values['loss']} at step {self.step + 1}{where}")
@@ -239,13 +343,18 @@ class Trainer:
 
     def run(self, progress: bool = True) -> list[dict]:
         s = self.s
-        bar = tqdm(total=s.steps, initial=self.step, desc="prune+finetune", disable=not progress, dynamic_ncols=True)
-        tokens_per_step = s.batch_size * s.grad_accum * self.tokens.shape[1]
+        main = self.world.main
+        bar = tqdm(total=s.steps, initial=self.step, desc="prune+finetune", disable=not (progress and main), dynamic_ncols=True)
+        tokens_per_step = s.global_batch(self.world.size) * self.tokens.shape[1]
         device = next(self.model.parameters()).device
         while self.step < s.steps:
+            if self.quant is not None:
+                self.quant.maybe_start(self)
             t0 = time.perf_counter()
             values = self.train_step()
             info = self.prune_step.after_optimizer(self.step)
+            if info is not None:
+                self._sync_masks()
             seconds = time.perf_counter() - t0
             sparsity = self.prune_step.sparsity
             row = {"step": self.step, **values, "sparsity": sparsity, "lr": self.sched.get_last_lr()[0],
@@ -253,7 +362,7 @@ class Trainer:
             if info is not None:
                 row["achieved"] = info["achieved"]
             self.history.append(row)
-            if self.log is not None:
+            if self.log is not None and main:
                 append_jsonl(self.log, row)
             bar.set_postfix(loss=f"{values['loss']:.3f}", sparsity=f"{sparsity:.3f}")
             bar.update(1)

@@ -275,3 +275,19 @@ def test_auto_preset_is_quick_on_cpu_and_says_so(capsys):
     values = apply_preset({"device": "cpu"}, "auto")
     assert values["preset"] == "quick" and "train.mixed_precision" not in values
     assert "--preset auto: quick" in capsys.readouterr().err
+
+
+def test_sparse_copy_is_smaller_and_exact(tmp_path, tiny_dir, text_file, capsys):
+    from slimtune.export.sparse import load_sparse
+
+    out = tmp_path / "s"
+    code, _, err = _run(capsys, "prune", "--model", tiny_dir, "--data", text_file, "--out", out, "--granularity", "nm", "--nm", "2:4",
+                        "--criterion", "magnitude", "--recover-steps", "2", "--batch-size", "2", "--save-sparse", *FAST)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparse"]["format"] == "sparse-24-bitmask" and report["sparse"]["ratio"] < 1
+    dense = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    sparse = load_sparse(out / "sparse").state_dict()
+    assert all(torch.equal(dense[k], sparse[k]) for k in dense)
+    code, _, err = _run(capsys, "prune", "--model", tiny_dir, "--data", text_file, "--out", tmp_path / "x", "--save-sparse", *FAST)
+    assert code == 2 and "--save-sparse is for unstructured or N:M pruning" in err

@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "prune_": "api", "check_config": "api", "PruneSession": "api", "PruneResult": "api",
-    "LoRAPruneConfig": "config", "OneShotConfig": "config", "MethodConfig": "config",
+    "LoRAPruneConfig": "config", "OneShotConfig": "config", "LayerwiseConfig": "config", "MethodConfig": "config",
+    "QuantSettings": "quant.qat", "DistillSettings": "training.distill", "AveragingSettings": "training.averaging",
     "PruneSettings": "pruning.pruner", "TrainSettings": "training.loop", "LoraSettings": "adapters.lora",
 }
 __all__ = sorted(_LAZY)

@@ -102,6 +102,9 @@ class PruneJob(EvalJob):
     recover_steps: int | None = field(default=None, metadata=_help("one-shot criteria: LoRA recovery steps after pruning (default: --steps; 0 = none)"))
     evaluate: bool = field(default=True, metadata=_help("skip the before/after evaluation", flag="--no-eval"))
     export: str = field(default="hf", metadata=_help(f"hf: a Hugging Face directory; gguf: that directory plus {GGUF_FILE} for llama.cpp (Llama/Mistral)", choices=EXPORTS))
+    save_sparse: str | None = field(default=None, metadata=_help(
+        "unstructured / N:M: also write sparse/ in compressed-tensors' layout (auto, bitmask, sparse-24), smaller on disk; "
+        "it loads with slimtune.export.sparse.load_sparse", const="auto", choices=("auto", "bitmask", "sparse-24")))
     gguf_type: str | None = field(default=None, metadata=_help("type of the GGUF projections (default: the type QAT trained, e.g. q4_0 for --quant w4g32; else f16)", choices=GGUF_TYPES))
     evaluate_dense: bool = field(default=True, metadata={"cli": False})  # benchmarks measure the dense model once
     split: str = field(default="test", metadata={"cli": False})
@@ -116,7 +119,20 @@ class PruneJob(EvalJob):
     def __post_init__(self):
         super().__post_init__()
         self._check_export()
+        self._check_sparse()
         self.method  # noqa: B018 (the method config validates criterion x granularity x adapters before any loading)
+
+    def _check_sparse(self) -> None:
+        if self.save_sparse is None:
+            return
+        if not self.prune.weight_level:
+            raise SlimtuneError("--save-sparse is for unstructured or N:M pruning; structured pruning already removes the units, so the saved model is smaller as it is")
+        if self.save_sparse == "sparse-24":
+            from .pruning.weight_selection import parse_nm
+
+            n, m = parse_nm(self.prune.nm) if self.prune.granularity.strip().lower() == "nm" else (0, 0)
+            if m != 4 or n > 2:
+                raise SlimtuneError("--save-sparse sparse-24 holds only 2:4 patterns; pass --granularity nm --nm 2:4, or --save-sparse bitmask")
 
     def _check_export(self) -> None:
         """--export / --gguf-type against --quant, before any loading; with the trained codes going to
@@ -269,11 +285,13 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
         report["reload_max_abs_diff"] = diff = _reload_check(model, tmp, test_tokens)
         if not diff <= tolerance:
             raise SlimtuneError(f"the saved model disagrees with the pruned model (max |logit diff| {diff:.3g} > {tolerance}); nothing was written to {out}; please report this")
+        if job.save_sparse:
+            report["sparse"] = _write_sparse(model, tokenizer, tmp / SPARSE_DIR, job.save_sparse, masks)
         if job.export == "gguf":
             report["gguf"] = _write_gguf(model, tokenizer, tmp / GGUF_FILE, job, result.quantizers)
         report["wall_seconds"] = time.time() - t0
         write_report(tmp, report)
-        if report["quant"] or report.get("gguf"):
+        if report["quant"] or report.get("gguf") or report.get("sparse"):
             from .io import atomic_write_text
 
             md = tmp / "report.md"
@@ -305,7 +323,12 @@ def _write_gguf(model, tokenizer, path: Path, job: PruneJob, quantizers) -> dict
 def _export_section(report: dict, job: PruneJob) -> str:
     """report.md: what QAT trained and what the saved files hold."""
     lines = []
-    q, g = report.get("quant"), report.get("gguf")
+    q, g, sp = report.get("quant"), report.get("gguf"), report.get("sparse")
+    if sp:
+        lines += ["## Sparse copy", "", f"- `{SPARSE_DIR}/`: compressed-tensors {sp['format']} layout, weight files {sp['weight_bytes'] / 2**20:.1f} MiB "
+                  f"against {sp['dense_weight_bytes'] / 2**20:.1f} MiB dense ({sp['ratio']:.2f}x); reloads to exactly the same weights with "
+                  f"`slimtune.export.sparse.load_sparse(\"{SPARSE_DIR}\")` (current transformers and vLLM releases do not read sparse "
+                  "compressed-tensors checkpoints; the main directory stays the dense model `from_pretrained` loads)", ""]
     if q:
         lines += ["## Quantisation-aware training", "",
                   f"- {q['spec']} with {q['quantizer']} quantisers on {q['modules']} projections, fake-quantised from step {q['start_step']} "
@@ -363,6 +386,22 @@ def _check_resume(job: PruneJob, work: Path) -> None:
         return
     if not job.resume and distributed.is_main():
         atomic_write_json(saved, settings)
+
+
+SPARSE_DIR = "sparse"
+
+
+def _write_sparse(model, tokenizer, directory: Path, fmt: str, masks) -> dict:
+    """The compressed-tensors copy, checked to reload to exactly the same weights."""
+    from .export.sparse import load_sparse, save_sparse
+
+    info = save_sparse(model, directory, tokenizer=tokenizer, format=fmt, masks=masks)
+    reloaded = load_sparse(directory).state_dict()
+    for key, value in model.state_dict().items():
+        if key in reloaded and not torch.equal(reloaded[key].to(value.device), value):
+            raise SlimtuneError(f"the sparse copy does not reload {key} exactly; nothing was written; please report this")
+    info.pop("modules", None)  # per-module sparsity is already in the report
+    return info
 
 
 @torch.no_grad()

@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "loraprune"])
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--update", action="store_true", help="merge into the existing JSON instead of replacing it")
+    ap.add_argument("--recover", nargs="*", default=None, help="method:pattern pairs to recover (default: all)")
     args = ap.parse_args()
     dense, tok = load_model("default")
     train = load_tokens("wiki", tok, "train", 256)
@@ -96,6 +97,12 @@ def main() -> None:
                 row.update(oneshot_seconds=time.perf_counter() - t0, load_avg_1m=load, oneshot=_evaluate(model, wiki, news),
                            oneshot_sparsity=_sparsity(model))
                 del model
+            if args.recover is not None and f"{method}:{pattern}" not in args.recover:
+                rows[(method, pattern)] = row
+                write("oneshot_sparse", {"dense": dense_ppl, "rows": list(rows.values()), "recovery_steps": args.steps,
+                                         "calibration": "16 batches x 2 x 256 tokens (train split)",
+                                         "note": "sparsity is of the decoder projections (what is masked); shared 2-core CPU, load average recorded"})
+                continue
             model = copy.deepcopy(dense)
             torch.manual_seed(0)
             t0 = time.perf_counter()

@@ -47,9 +47,9 @@ RELOAD_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}  # max |
 PRESETS = {
     # name: {"field" or "section.field": value}; "quick" is the dataclass defaults, sized for a 2-core CPU
     "quick": {},
-    "standard": {"train.steps": 200, "train.batch_size": 4, "train.grad_accum": 2, "train.checkpoint_every": 20,
+    "standard": {"train.steps": 200, "train.lr_schedule": "cosine", "train.batch_size": 4, "train.grad_accum": 2, "train.checkpoint_every": 20,
                  "train.lr_base_batch": 8, "seq_len": 512, "eval_windows": 64, "calib_batches": 16},
-    "paper": {"train.steps": 600, "train.batch_size": 4, "train.grad_accum": 32, "train.lr": 3e-4, "train.lr_base_batch": 128,
+    "paper": {"train.steps": 600, "train.lr_schedule": "cosine", "train.batch_size": 4, "train.grad_accum": 32, "train.lr": 3e-4, "train.lr_base_batch": 128,
               "train.checkpoint_every": 20, "seq_len": 256, "eval_windows": 256, "calib_batches": 32},
 }
 

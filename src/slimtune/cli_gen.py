@@ -16,6 +16,11 @@ import typing
 from .errors import SlimtuneError
 
 
+def cli_help(text: str, **extra) -> dict:
+    """Field metadata the generator reads: help text plus optional choices, const, flag, cli=False."""
+    return {"help": text, **extra}
+
+
 def _unwrap(tp):
     """(base type, optional?) of `int | None` style annotations."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:

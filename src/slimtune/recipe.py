@@ -20,6 +20,7 @@ import torch
 
 from .adapters import LoraSettings
 from .api import check_config, prune_
+from .cli_gen import cli_help
 from .config import LayerwiseConfig, MethodConfig, OneShotConfig, config_for
 from .data import load_tokens
 from .errors import SlimtuneError
@@ -54,24 +55,20 @@ PRESETS = {
 }
 
 
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
-
-
 @dataclass
 class EvalJob:
-    model: str = field(default="default", metadata=_help("'default' (bundled SmolLM2-135M), a local HF directory, or a hub id"))
-    data: str = field(default="wiki", metadata=_help("'wiki' (bundled Wikipedia sample), a .txt/.jsonl file, or a datasets name (wikitext2, c4, ptb)"))
-    seq_len: int = field(default=256, metadata=_help("tokens per sequence"))
-    eval_windows: int = field(default=16, metadata=_help("evenly spaced test windows of seq_len tokens for perplexity"))
-    latency_seq_len: int | None = field(default=None, metadata=_help("prompt length for prefill latency (default: seq_len)"))
-    latency_repeats: int = field(default=3, metadata=_help("timed prefill repeats; the median is reported"))
-    decode_tokens: int = field(default=16, metadata=_help("tokens generated to time decoding"))
-    dtype: str = field(default="float32", metadata=_help("weights dtype", choices=DTYPES))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:1, ..."))
-    json: str | None = field(default=None, metadata=_help("also write the results as JSON to this path"))
-    quiet: bool = field(default=False, metadata=_help("no progress bars"))
-    split: str = field(default="test", metadata=_help("which split to evaluate", choices=("train", "validation", "test")))
+    model: str = field(default="default", metadata=cli_help("'default' (bundled SmolLM2-135M), a local HF directory, or a hub id"))
+    data: str = field(default="wiki", metadata=cli_help("'wiki' (bundled Wikipedia sample), a .txt/.jsonl file, or a datasets name (wikitext2, c4, ptb)"))
+    seq_len: int = field(default=256, metadata=cli_help("tokens per sequence"))
+    eval_windows: int = field(default=16, metadata=cli_help("evenly spaced test windows of seq_len tokens for perplexity"))
+    latency_seq_len: int | None = field(default=None, metadata=cli_help("prompt length for prefill latency (default: seq_len)"))
+    latency_repeats: int = field(default=3, metadata=cli_help("timed prefill repeats; the median is reported"))
+    decode_tokens: int = field(default=16, metadata=cli_help("tokens generated to time decoding"))
+    dtype: str = field(default="float32", metadata=cli_help("weights dtype", choices=DTYPES))
+    device: str = field(default="auto", metadata=cli_help("auto, cpu, cuda, cuda:1, ..."))
+    json: str | None = field(default=None, metadata=cli_help("also write the results as JSON to this path"))
+    quiet: bool = field(default=False, metadata=cli_help("no progress bars"))
+    split: str = field(default="test", metadata=cli_help("which split to evaluate", choices=("train", "validation", "test")))
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -91,21 +88,21 @@ class EvalJob:
 
 @dataclass
 class PruneJob(EvalJob):
-    out: str = field(default="pruned", metadata=_help("output directory: a model from_pretrained loads, plus the report"))
-    overwrite: bool = field(default=False, metadata=_help("replace an output directory that slimtune wrote before"))
-    resume: bool = field(default=False, metadata=_help("continue an interrupted run from its last checkpoint"))
-    preset: str = field(default="auto", metadata=_help(f"budget: auto (quick on a CPU; standard with bf16 on a GPU), {', '.join(PRESETS)}"))
-    criterion: str = field(default="loraprune", metadata=_help(f"importance criterion: {', '.join(CRITERIA)}"))
-    calib_batches: int | None = field(default=None, metadata=_help("one-shot criteria: calibration batches of --batch-size sequences (default 16, i.e. 8K tokens at the quick preset)"))
-    percdamp: float = field(default=0.01, metadata=_help("sparsegpt: Hessian dampening as a fraction of its mean diagonal"))
-    blocksize: int = field(default=128, metadata=_help("sparsegpt: columns per block of lazy weight updates"))
-    recover_steps: int | None = field(default=None, metadata=_help("one-shot criteria: LoRA recovery steps after pruning (default: --steps; 0 = none)"))
-    evaluate: bool = field(default=True, metadata=_help("skip the before/after evaluation", flag="--no-eval"))
-    export: str = field(default="hf", metadata=_help(f"hf: a Hugging Face directory; gguf: that directory plus {GGUF_FILE} for llama.cpp (Llama/Mistral)", choices=EXPORTS))
-    save_sparse: str | None = field(default=None, metadata=_help(
+    out: str = field(default="pruned", metadata=cli_help("output directory: a model from_pretrained loads, plus the report"))
+    overwrite: bool = field(default=False, metadata=cli_help("replace an output directory that slimtune wrote before"))
+    resume: bool = field(default=False, metadata=cli_help("continue an interrupted run from its last checkpoint"))
+    preset: str = field(default="auto", metadata=cli_help(f"budget: auto (quick on a CPU; standard with bf16 on a GPU), {', '.join(PRESETS)}"))
+    criterion: str = field(default="loraprune", metadata=cli_help(f"importance criterion: {', '.join(CRITERIA)}"))
+    calib_batches: int | None = field(default=None, metadata=cli_help("one-shot criteria: calibration batches of --batch-size sequences (default 16, i.e. 8K tokens at the quick preset)"))
+    percdamp: float = field(default=0.01, metadata=cli_help("sparsegpt: Hessian dampening as a fraction of its mean diagonal"))
+    blocksize: int = field(default=128, metadata=cli_help("sparsegpt: columns per block of lazy weight updates"))
+    recover_steps: int | None = field(default=None, metadata=cli_help("one-shot criteria: LoRA recovery steps after pruning (default: --steps; 0 = none)"))
+    evaluate: bool = field(default=True, metadata=cli_help("skip the before/after evaluation", flag="--no-eval"))
+    export: str = field(default="hf", metadata=cli_help(f"hf: a Hugging Face directory; gguf: that directory plus {GGUF_FILE} for llama.cpp (Llama/Mistral)", choices=EXPORTS))
+    save_sparse: str | None = field(default=None, metadata=cli_help(
         "unstructured / N:M: also write sparse/ in compressed-tensors' layout (auto, bitmask, sparse-24), smaller on disk; "
         "it loads with slimtune.export.sparse.load_sparse", const="auto", choices=("auto", "bitmask", "sparse-24")))
-    gguf_type: str | None = field(default=None, metadata=_help("type of the GGUF projections (default: the type QAT trained, e.g. q4_0 for --quant w4g32; else f16)", choices=GGUF_TYPES))
+    gguf_type: str | None = field(default=None, metadata=cli_help("type of the GGUF projections (default: the type QAT trained, e.g. q4_0 for --quant w4g32; else f16)", choices=GGUF_TYPES))
     evaluate_dense: bool = field(default=True, metadata={"cli": False})  # benchmarks measure the dense model once
     split: str = field(default="test", metadata={"cli": False})
     prune: PruneSettings = field(default_factory=PruneSettings)

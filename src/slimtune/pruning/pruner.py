@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..cli_gen import cli_help
 from ..errors import SlimtuneError, check_sparsity
 from ..importance.reduce import unit_scores
 from ..masking.gates import attach_gates
@@ -25,24 +26,20 @@ from .schedules import SCHEDULES, Schedule
 from .selection import default_excluded_layers, select
 
 
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
-
-
 @dataclass
 class PruneSettings:
-    sparsity: float = field(default=0.2, metadata=_help("fraction of decoder-layer parameters to remove, in [0, 1)"))
-    granularity: str = field(default="heads,channels", metadata=_help("heads, channels, layers or a comma-separated mix; or unstructured, or nm (see --nm)"))
-    head_mode: str = field(default="kv_groups", metadata=_help("GQA: remove whole KV groups, or equal numbers of query heads per group", choices=("kv_groups", "q_heads")))
-    ranking: str = field(default="local", metadata=_help("local: the same ratio in every prunable layer; global: layers compete", choices=("local", "global")))
-    exclude_layers: list[int] | None = field(default=None, metadata=_help("comma-separated layer indices never pruned (default: the first 10% of layers, at least one, and the last)"))
-    layer_share: float = field(default=0.5, metadata=_help("with layers in a mix: share of the removal taken as whole layers"))
-    schedule: str = field(default="cubic", metadata=_help("sparsity ramp", choices=SCHEDULES))
-    warmup: float = field(default=0.1, metadata=_help("fraction of steps before pruning starts"))
-    cooldown: float = field(default=0.1, metadata=_help("fraction of steps after the target is reached"))
-    prune_every: int | None = field(default=None, metadata=_help("optimiser steps between mask updates (default: steps/10, at least 1)"))
-    normalise: str = field(default="l2", metadata=_help("per-projection normalisation of unit scores", choices=("l2", "none")))
-    nm: str = field(default="2:4", metadata=_help("with --granularity nm: keep n weights in every m consecutive inputs"))
+    sparsity: float = field(default=0.2, metadata=cli_help("fraction of decoder-layer parameters to remove, in [0, 1)"))
+    granularity: str = field(default="heads,channels", metadata=cli_help("heads, channels, layers or a comma-separated mix; or unstructured, or nm (see --nm)"))
+    head_mode: str = field(default="kv_groups", metadata=cli_help("GQA: remove whole KV groups, or equal numbers of query heads per group", choices=("kv_groups", "q_heads")))
+    ranking: str = field(default="local", metadata=cli_help("local: the same ratio in every prunable layer; global: layers compete", choices=("local", "global")))
+    exclude_layers: list[int] | None = field(default=None, metadata=cli_help("comma-separated layer indices never pruned (default: the first 10% of layers, at least one, and the last)"))
+    layer_share: float = field(default=0.5, metadata=cli_help("with layers in a mix: share of the removal taken as whole layers"))
+    schedule: str = field(default="cubic", metadata=cli_help("sparsity ramp", choices=SCHEDULES))
+    warmup: float = field(default=0.1, metadata=cli_help("fraction of steps before pruning starts"))
+    cooldown: float = field(default=0.1, metadata=cli_help("fraction of steps after the target is reached"))
+    prune_every: int | None = field(default=None, metadata=cli_help("optimiser steps between mask updates (default: steps/10, at least 1)"))
+    normalise: str = field(default="l2", metadata=cli_help("per-projection normalisation of unit scores", choices=("l2", "none")))
+    nm: str = field(default="2:4", metadata=cli_help("with --granularity nm: keep n weights in every m consecutive inputs"))
 
     def __post_init__(self):
         check_sparsity(self.sparsity)

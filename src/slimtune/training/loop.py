@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..cli_gen import cli_help
 from ..data import batch_at
 from ..errors import SlimtuneError
 from ..io import atomic_write_bytes
@@ -46,28 +47,24 @@ LOG = "train_log.jsonl"  # one JSON row per optimiser step, next to the checkpoi
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
 
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
-
-
 @dataclass
 class TrainSettings:
-    steps: int = field(default=24, metadata=_help("optimiser steps of LoRA fine-tuning"))
-    batch_size: int = field(default=2, metadata=_help("micro-batch size (sequences)"))
-    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimiser step"))
-    lr: float = field(default=5e-4, metadata=_help("peak learning rate (AdamW)"))
+    steps: int = field(default=24, metadata=cli_help("optimiser steps of LoRA fine-tuning"))
+    batch_size: int = field(default=2, metadata=cli_help("micro-batch size (sequences)"))
+    grad_accum: int = field(default=1, metadata=cli_help("micro-batches per optimiser step"))
+    lr: float = field(default=5e-4, metadata=cli_help("peak learning rate (AdamW)"))
     # constant by default: at the quick budget (24 steps) cosine decay cost 85.1 vs 60.5 test perplexity
     # (benchmarks/results/default_run.json); the longer presets decay with cosine
-    lr_schedule: str = field(default="constant", metadata=_help("decay after warm-up", choices=LR_SCHEDULES))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay of the adapter weights"))
-    lr_rule: str = field(default="auto", metadata=_help("how the LR follows the global batch (devices x batch x accumulation) away from --lr-base-batch: auto (sqrt for AdamW), sqrt, linear, none", choices=RULES))
-    lr_base_batch: int = field(default=2, metadata=_help("the global batch (sequences) --lr is meant for"))
-    warmup_steps: int = field(default=2, metadata=_help("linear LR warm-up steps"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm"))
-    seed: int = field(default=0, metadata=_help("seed of LoRA init, dropout and batch order"))
-    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward to save memory"))
-    mixed_precision: str = field(default="no", metadata=_help("autocast dtype", choices=("no", "bf16", "fp16")))
-    checkpoint_every: int = field(default=10, metadata=_help("optimiser steps between resumable checkpoints (0 = none)"))
+    lr_schedule: str = field(default="constant", metadata=cli_help("decay after warm-up", choices=LR_SCHEDULES))
+    weight_decay: float = field(default=0.0, metadata=cli_help("AdamW weight decay of the adapter weights"))
+    lr_rule: str = field(default="auto", metadata=cli_help("how the LR follows the global batch (devices x batch x accumulation) away from --lr-base-batch: auto (sqrt for AdamW), sqrt, linear, none", choices=RULES))
+    lr_base_batch: int = field(default=2, metadata=cli_help("the global batch (sequences) --lr is meant for"))
+    warmup_steps: int = field(default=2, metadata=cli_help("linear LR warm-up steps"))
+    max_grad_norm: float = field(default=1.0, metadata=cli_help("gradient clipping norm"))
+    seed: int = field(default=0, metadata=cli_help("seed of LoRA init, dropout and batch order"))
+    gradient_checkpointing: bool = field(default=False, metadata=cli_help("recompute activations in backward to save memory"))
+    mixed_precision: str = field(default="no", metadata=cli_help("autocast dtype", choices=("no", "bf16", "fp16")))
+    checkpoint_every: int = field(default=10, metadata=cli_help("optimiser steps between resumable checkpoints (0 = none)"))
 
     def global_batch(self, devices: int = 1) -> int:
         return global_batch(self.batch_size, self.grad_accum, devices)

@@ -11,7 +11,7 @@ in the section it comes from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .adapters.lora import LoraSettings
 from .errors import SlimtuneError
@@ -24,13 +24,22 @@ from .training.loop import TrainSettings
 
 
 @dataclass
-class MethodConfig:
+class Sections:
+    """The settings sections every method takes; the CLI's prune job holds the same ones."""
+
     prune: PruneSettings = field(default_factory=PruneSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
     averaging: AveragingSettings = field(default_factory=AveragingSettings)
     quant: QuantSettings = field(default_factory=QuantSettings)
+
+    def sections(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(Sections)}
+
+
+@dataclass
+class MethodConfig(Sections):
     criterion: str = "loraprune"
     mode = "progressive"  # which registered criteria this config accepts
 

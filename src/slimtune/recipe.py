@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .adapters import LoraSettings
 from .api import check_config, prune_
 from .cli_gen import cli_help
-from .config import LayerwiseConfig, MethodConfig, OneShotConfig, config_for
+from .config import LayerwiseConfig, MethodConfig, OneShotConfig, Sections, config_for
 from .data import load_tokens
 from .errors import SlimtuneError
 from .evaluate import evaluate_model
@@ -31,13 +30,9 @@ from .export import save_model
 from .importance import CRITERIA
 from .io import check_output_dir, check_writable_parent
 from .models import get_arch, load_model
-from .pruning.pruner import PruneSettings
-from .quant.qat import QuantSettings
 from .runtime import check_seq_len, pick_device
 from .training import distributed
-from .training.averaging import AveragingSettings
-from .training.distill import DistillSettings
-from .training.loop import LOG, TrainSettings
+from .training.loop import LOG
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXPORTS = ("hf", "gguf")
@@ -87,7 +82,7 @@ class EvalJob:
 
 
 @dataclass
-class PruneJob(EvalJob):
+class PruneJob(Sections, EvalJob):  # the settings sections come from config.Sections
     out: str = field(default="pruned", metadata=cli_help("output directory: a model from_pretrained loads, plus the report"))
     overwrite: bool = field(default=False, metadata=cli_help("replace an output directory that slimtune wrote before"))
     resume: bool = field(default=False, metadata=cli_help("continue an interrupted run from its last checkpoint"))
@@ -105,12 +100,6 @@ class PruneJob(EvalJob):
     gguf_type: str | None = field(default=None, metadata=cli_help("type of the GGUF projections (default: the type QAT trained, e.g. q4_0 for --quant w4g32; else f16)", choices=GGUF_TYPES))
     evaluate_dense: bool = field(default=True, metadata={"cli": False})  # benchmarks measure the dense model once
     split: str = field(default="test", metadata={"cli": False})
-    prune: PruneSettings = field(default_factory=PruneSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    distill: DistillSettings = field(default_factory=DistillSettings)
-    averaging: AveragingSettings = field(default_factory=AveragingSettings)
-    quant: QuantSettings = field(default_factory=QuantSettings)
     command: str = field(default="", metadata={"cli": False})
 
     def __post_init__(self):
@@ -171,8 +160,7 @@ class PruneJob(EvalJob):
             extra["recover_steps"] = self.recover_steps
         if cls is LayerwiseConfig:
             extra.update(percdamp=self.percdamp, blocksize=self.blocksize)
-        return cls(prune=self.prune, lora=self.lora, train=self.train, distill=self.distill, averaging=self.averaging,
-                   quant=self.quant, criterion=self.criterion, **extra)
+        return cls(**self.sections(), criterion=self.criterion, **extra)
 
 
 def auto_preset(device: str) -> tuple[str, dict]:

@@ -9,31 +9,21 @@ only flatten the attention pattern, not remove the head's output.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
 from ..models.arch import base_layer
+from .handles import Pausable
 from .structured import StructuredMasks
 
 
-class GateHandles:
+class GateHandles(Pausable):
     """The hooks of `attach_gates`. While `enabled` is False (see `paused()`) every gate passes its
     input through unchanged, so the model computes its dense function (e.g. as a distillation teacher)."""
 
     def __init__(self, handles):
+        super().__init__()
         self._handles = handles
-        self.enabled = True
-
-    @contextmanager
-    def paused(self):
-        """Open every gate inside the block; the previous state comes back on exit (nests)."""
-        was, self.enabled = self.enabled, False
-        try:
-            yield self
-        finally:
-            self.enabled = was
 
     def remove(self) -> None:
         for h in self._handles:

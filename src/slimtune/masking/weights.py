@@ -23,14 +23,13 @@ Caveats of the masked forward:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimtuneError
 from ..models.arch import ArchSpec, base_weight, get_arch, own_params
+from .handles import PatchedForwards
 
 Key = tuple[int, str]  # (decoder layer index, projection path such as "self_attn.q_proj")
 
@@ -206,34 +205,12 @@ def _pausable(masked, module: nn.Module, original, state: WeightMaskHandles):
     return forward
 
 
-class WeightMaskHandles:
+class WeightMaskHandles(PatchedForwards):
     """The patched forwards of `attach_weight_masks`. While `enabled` is False (see `paused()`) every
     projection runs its own unmasked forward, so the model computes its dense function (e.g. as a
     distillation teacher)."""
 
-    def __init__(self, patched: list[tuple[nn.Module, bool, object, object]]):
-        self._patched = patched  # (module, had an instance forward, that forward, ours)
-        self.enabled = True
-
-    @contextmanager
-    def paused(self):
-        """Unmask every projection inside the block; the previous state comes back on exit (nests)."""
-        was, self.enabled = self.enabled, False
-        try:
-            yield self
-        finally:
-            self.enabled = was
-
-    def remove(self) -> None:
-        """Give every masked projection its own forward back."""
-        for module, had, original, ours in self._patched:
-            if module.__dict__.get("forward") is not ours:
-                raise RuntimeError("another wrapper replaced the forward of a masked projection after the masks; remove it first")
-            if had:
-                module.forward = original
-            else:
-                del module.forward
-        self._patched = []
+    what = "masked"
 
 
 def attach_weight_masks(model: nn.Module, masks: WeightMasks) -> WeightMaskHandles:

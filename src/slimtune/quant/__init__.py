@@ -33,14 +33,13 @@ Caveats:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import SlimtuneError
+from ..masking.handles import PatchedForwards
 from .fake import (
     GGUF_BLOCK,
     FakeQuantizer,
@@ -268,31 +267,11 @@ def _slice_quantizer_(q: WeightQuantizer, rows: Tensor | None, cols: Tensor | No
 
 
 # ---- the quantised forward, patched onto the projections ------------------------------------------
-class QuantizerHandles:
+class QuantizerHandles(PatchedForwards):
     """The patched forwards of `attach_quantizers`; `remove()` gives every projection its own back.
     While `enabled` is False (`paused()`), projections run their own full-precision forward."""
 
-    def __init__(self):
-        self._patched: list[tuple[nn.Module, bool, object, object]] = []
-        self.enabled = True
-
-    @contextmanager
-    def paused(self):
-        was, self.enabled = self.enabled, False
-        try:
-            yield self
-        finally:
-            self.enabled = was
-
-    def remove(self) -> None:
-        for module, had, original, ours in self._patched:
-            if module.__dict__.get("forward") is not ours:
-                raise RuntimeError("another wrapper replaced the forward of a quantised projection after the quantisers; remove it first")
-            if had:
-                module.forward = original
-            else:
-                del module.forward
-        self._patched = []
+    what = "quantised"
 
 
 def _quantized_forward(module: nn.Module, quantizer: WeightQuantizer, keep: Tensor | None, original, state: QuantizerHandles):

@@ -18,10 +18,11 @@ from slimtune.export.gguf import (
     tokenizer_fields,
 )
 from slimtune.quant import QuantizerSet, make_quantizer
+from tests.conftest import CHAT_TEMPLATE as TEMPLATE
 from tests.conftest import tiny_model
 
 VOCAB = 320  # the model's embeddings; the tokenizer below has 300 tokens, the rest is padding
-TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
 PROJ = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
@@ -29,22 +30,6 @@ PROJ = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v
 def _qmodel(**overrides):
     """Tiny GQA Llama whose widths split into GGUF blocks of 32: hidden 96, MLP 160, 6 heads of 16."""
     return tiny_model("llama", **{"hidden_size": 96, "intermediate_size": 160, "vocab_size": VOCAB, **overrides})
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, this is slimtune", "pruning and quantisation of language models"] * 20
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>")
-    fast.chat_template = TEMPLATE
-    return fast
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.evaluate import perplexity
 from slimtune.export.gguf import export_gguf
 from slimtune.quant import QuantizerSet
-from tests.test_gguf_export import _qmodel, _shrunk_nonuniform, bpe_tokenizer  # noqa: F401 (fixture)
+from tests.test_gguf_export import _qmodel, _shrunk_nonuniform
 
 llamacpp = pytest.importorskip("xllamacpp", reason="llama.cpp's Python build (pip install xllamacpp)")
 

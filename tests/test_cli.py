@@ -93,6 +93,7 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["prune", "--gguf-type", "q4_0"], "add --export gguf"),
         (["prune", "--export", "gguf", "--quant", "w4g32", "--gguf-type", "q8_0"], "is not what --quant w4g32 trains (Q4_0)"),
         (["prune", "--export", "gguf"], "GGUF export writes byte-level BPE tokenizers only"),
+        (["prune", "--llamacpp-check"], "runs the GGUF file in llama.cpp; add --export gguf"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, tiny_dir, text_file, capsys, args, message):

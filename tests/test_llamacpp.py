@@ -106,3 +106,13 @@ def test_missing_llamacpp_and_bad_files_are_one_line_errors(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "xllamacpp", None)
     with pytest.raises(SlimtuneError, match="pip install xllamacpp"):
         LlamaCppServer(junk, n_ctx=8)
+
+
+def test_prune_refuses_llamacpp_check_without_llamacpp_before_any_work(tmp_path, monkeypatch, capsys):
+    from slimtune.cli import main
+
+    monkeypatch.setitem(sys.modules, "xllamacpp", None)
+    code = main(["prune", "--export", "gguf", "--llamacpp-check", "--quiet", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "pip install xllamacpp" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

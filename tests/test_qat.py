@@ -3,6 +3,7 @@ pruned weights stay exact zeros, structured pruning shrinks to whole groups befo
 every refusal comes before work."""
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -325,6 +326,9 @@ def _model_dir(tmp_path, tokenizer, family="llama", **overrides):
     return path
 
 
+LLAMACPP = ["--llamacpp-check"] if importlib.util.find_spec("xllamacpp") else []
+
+
 def _cli(capsys, *argv):
     from slimtune.cli import main
 
@@ -338,10 +342,14 @@ def test_cli_prune_quantise_and_export_gguf(tmp_path, corpus_and_tokenizer, caps
     model_dir = _model_dir(tmp_path, tok)
     out = tmp_path / "out"
     code, err = _cli(capsys, "prune", "--model", model_dir, "--data", text, "--out", out, "--quant", "w4g32", "--quantizer", "lsq",
-                     "--sparsity", "0.2", "--export", "gguf", "--steps", "6", "--batch-size", "2", *FAST)
+                     "--sparsity", "0.2", "--export", "gguf", "--steps", "6", "--batch-size", "2", *LLAMACPP, *FAST)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["quant"]["spec"] == "w4g32" and report["quant"]["shrunk_at_start"]
+    if LLAMACPP:  # the non-uniform Q4_0 file runs in a real llama.cpp and scores like the trained model
+        check = report["gguf"]["llamacpp"]
+        assert check["windows"] >= 1 and abs(check["relative_gap"]) < 0.02, check
+        assert "checked in llama.cpp" in (out / "report.md").read_text()
     assert report["gguf"]["from_trained_quantizers"] and report["gguf"]["tensor_types"]["Q4_0"] == 4 * 7
     assert report["reload_max_abs_diff"] < 1e-4
     from transformers import AutoModelForCausalLM

@@ -98,6 +98,7 @@ class PruneJob(Sections, EvalJob):  # the settings sections come from config.Sec
         "unstructured / N:M: also write sparse/ in compressed-tensors' layout (auto, bitmask, sparse-24), smaller on disk; "
         "it loads with slimtune.export.sparse.load_sparse", const="auto", choices=("auto", "bitmask", "sparse-24")))
     gguf_type: str | None = field(default=None, metadata=cli_help("type of the GGUF projections (default: the type QAT trained, e.g. q4_0 for --quant w4g32; else f16)", choices=GGUF_TYPES))
+    llamacpp_check: bool = field(default=False, metadata=cli_help(f"with --export gguf: run {GGUF_FILE} in llama.cpp (pip install xllamacpp) on the test windows and report its perplexity next to slimtune's"))
     evaluate_dense: bool = field(default=True, metadata={"cli": False})  # benchmarks measure the dense model once
     split: str = field(default="test", metadata={"cli": False})
     command: str = field(default="", metadata={"cli": False})
@@ -125,6 +126,12 @@ class PruneJob(Sections, EvalJob):  # the settings sections come from config.Sec
         GGUF, every quantised width must split into its blocks of 32 (checked on the model later)."""
         if self.export not in EXPORTS:
             raise SlimtuneError(f"unknown --export '{self.export}'; choose {', '.join(EXPORTS)}")
+        if self.llamacpp_check:
+            if self.export != "gguf":
+                raise SlimtuneError("--llamacpp-check runs the GGUF file in llama.cpp; add --export gguf")
+            from .evaluate.llamacpp import require_llamacpp
+
+            require_llamacpp()  # missing llama.cpp: said now, not after training
         if self.gguf_type is not None:
             self.gguf_type = str(self.gguf_type).lower()
             if self.gguf_type not in GGUF_TYPES:
@@ -274,6 +281,8 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
             report["sparse"] = _write_sparse(model, tokenizer, tmp / SPARSE_DIR, job.save_sparse, masks)
         if job.export == "gguf":
             report["gguf"] = _write_gguf(model, tokenizer, tmp / GGUF_FILE, job, result.quantizers)
+            if job.llamacpp_check:
+                report["gguf"]["llamacpp"] = _llamacpp_check(model, tmp / GGUF_FILE, test_tokens, after, progress)
         report["wall_seconds"] = time.time() - t0
         write_report(tmp, report)
         if report["quant"] or report.get("gguf") or report.get("sparse"):
@@ -305,6 +314,20 @@ def _write_gguf(model, tokenizer, path: Path, job: PruneJob, quantizers) -> dict
             "from_trained_quantizers": quantizers is not None and dtype in BLOCK_TYPES, "fallback_f16": info["fallback_f16"]}
 
 
+def _llamacpp_check(model, path: Path, tokens, after: dict | None, progress: bool) -> dict:
+    """Perplexity of the GGUF file in llama.cpp against slimtune's on the same test windows."""
+    from .evaluate import perplexity
+    from .evaluate.llamacpp import llamacpp_perplexity
+
+    ours = after["perplexity"] if after else perplexity(model, tokens, progress=progress)["perplexity"]
+    theirs = llamacpp_perplexity(path, tokens, progress=progress)["perplexity"]
+    gap = theirs / ours - 1
+    if abs(gap) > 0.01:
+        print(f"[slimtune] warning: llama.cpp's perplexity of {path.name} is {theirs:.3f}, slimtune's {ours:.3f} ({gap:+.1%}); "
+              "more than 1% apart", file=sys.stderr)
+    return {"perplexity": theirs, "slimtune_perplexity": ours, "relative_gap": gap, "windows": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])}
+
+
 def _export_section(report: dict, job: PruneJob) -> str:
     """report.md: what QAT trained and what the saved files hold."""
     lines = []
@@ -330,6 +353,10 @@ def _export_section(report: dict, job: PruneJob) -> str:
         types = ", ".join(f"{n} {t}" for t, n in sorted(g["tensor_types"].items()))
         lines += ["", "## GGUF", "", f"- `{g['file']}` ({g['architecture']}, {g['bytes'] / 2**20:.1f} MiB, {g['bits_per_weight']:.2f} bits per parameter): "
                   f"projections {g['type'].upper()} holding {how}; tensors: {types}"]
+        if g.get("llamacpp"):
+            c = g["llamacpp"]
+            lines.append(f"- checked in llama.cpp: perplexity {c['perplexity']:.3f} against slimtune's {c['slimtune_perplexity']:.3f} "
+                         f"({c['relative_gap']:+.2%}) on the same {c['windows']} x {c['seq_len']} test windows")
         if g["fallback_f16"]:
             lines.append(f"- written as F16 (rows not a multiple of 32): {', '.join(g['fallback_f16'])}")
         run = f"- run it: `llama-cli -m {g['file']} -p \"...\"` (llama.cpp)"

@@ -32,39 +32,54 @@ from slimtune.models import load_model  # noqa: E402
 from slimtune.pruning.pruner import PruneSettings  # noqa: E402
 from slimtune.training.loop import TrainSettings  # noqa: E402
 
-# (name, criterion, calib batches, excluded layers or None for the default)
+LLMPRUNER_RANGE = [0, 1, 2, 3, 28, 29]
+# (name, criterion, calib batches, excluded layers or None for the default, other PruneSettings)
 CASES = [
-    ("taylor_calib4", "taylor", 4, None),
-    ("taylor_calib16", "taylor", 16, None),
-    ("taylor_calib32", "taylor", 32, None),
-    ("taylor_vector_calib16", "taylor_vector", 16, None),
-    ("taylor2_calib16", "taylor2", 16, None),
-    ("taylor_calib16_llmpruner_range", "taylor", 16, [0, 1, 2, 3, 28, 29]),
+    ("taylor_calib4", "taylor", 4, None, {}),
+    ("taylor_calib16", "taylor", 16, None, {}),
+    ("taylor_calib32", "taylor", 32, None, {}),
+    ("taylor_vector_calib16", "taylor_vector", 16, None, {}),
+    ("taylor2_calib16", "taylor2", 16, None, {}),
+    ("taylor_calib16_llmpruner_range", "taylor", 16, LLMPRUNER_RANGE, {}),
+    ("taylor2_calib4", "taylor2", 4, None, {}),
+    ("taylor2_calib16_channels_only", "taylor2", 16, None, {"granularity": "channels"}),
+    ("taylor2_calib16_q_heads", "taylor2", 16, None, {"head_mode": "q_heads"}),
+    ("taylor2_calib16_llmpruner_range", "taylor2", 16, LLMPRUNER_RANGE, {}),
+    ("taylor2_calib16_global", "taylor2", 16, None, {"ranking": "global"}),
 ]
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", nargs="*", default=None, help="names of CASES to run (default: all); results merge into the JSON")
+    args = ap.parse_args()
+    path = Path(__file__).parent / "results" / "oneshot_structured.json"
+    old = {r["name"]: r for r in json.loads(path.read_text())["rows"]} if args.cases and path.is_file() else {}
     dense, tok = load_model("default")
     train = load_tokens("wiki", tok, "train", 256)
     wiki = load_tokens("wiki", tok, "test", 512, max_sequences=16)
     news_all = news_tokens(tok, 512)
     news = news_all[torch.linspace(0, news_all.shape[0] - 1, 16).round().long()]
-    rows = [{"name": "dense", "wiki_512": perplexity(dense, wiki, progress=False)["perplexity"],
-             "news_512": perplexity(dense, news, progress=False)["perplexity"]}]
-    for name, crit, calib, excluded in CASES:
+    rows = old or {"dense": {"name": "dense", "wiki_512": perplexity(dense, wiki, progress=False)["perplexity"],
+                             "news_512": perplexity(dense, news, progress=False)["perplexity"]}}
+    for name, crit, calib, excluded, extra in CASES:
+        if args.cases and name not in args.cases:
+            continue
         model = copy.deepcopy(dense)
         config = OneShotConfig(criterion=crit, calib_batches=calib, recover_steps=0, train=TrainSettings(checkpoint_every=0),
-                               prune=PruneSettings(sparsity=0.2, exclude_layers=excluded))
+                               prune=PruneSettings(sparsity=0.2, exclude_layers=excluded, **extra))
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
         result = slimtune.prune_(model, config, train, progress=False)
-        row = {"name": name, "criterion": crit, "calib_batches": calib, "excluded": excluded, "seconds": time.perf_counter() - t0,
+        row = {"name": name, "criterion": crit, "calib_batches": calib, "excluded": excluded, **extra, "seconds": time.perf_counter() - t0,
                "load_avg_1m": load, "achieved": result.sparsity["achieved"],
                "wiki_512": perplexity(model, wiki, progress=False)["perplexity"],
                "news_512": perplexity(model, news, progress=False)["perplexity"]}
-        rows.append(row)
+        rows[name] = row
         print(json.dumps(row), flush=True)
-        write("oneshot_structured", {"rows": rows, "note": "20% of decoder parameters, heads (KV groups) + channels, local ranking, no recovery; 16 windows of 512 tokens"})
+        write("oneshot_structured", {"rows": list(rows.values()), "note": "20% of decoder parameters, heads (KV groups) + channels, local ranking, no recovery; 16 windows of 512 tokens"})
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def _trained(variant: str, tmp: Path, windows: dict, steps: int | None, speed: b
     from slimtune.models import load_model
 
     out = tmp / variant
-    args = [*CLI[variant], "--export", "gguf", "--preset", "quick"] + (["--steps", str(steps)] if steps else [])
+    args = [*CLI[variant], "--export", "gguf", "--preset", "quick", "--no-eval"] + (["--steps", str(steps)] if steps else [])
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "slimtune.cli", "prune", "--out", str(out), "--quiet", *args], check=True)
     wall = time.perf_counter() - t0

@@ -276,3 +276,26 @@ def test_shrink_slices_each_projection_along_its_own_axis(fam, lora):
     assert [m.layer_idx for m in model.modules() if hasattr(m, "layer_idx")] == [0, 1, 2]
     with torch.no_grad():  # and the shrunk model still runs
         assert model(torch.arange(12)[None]).logits.shape == (1, 12, unwrap(model).config.vocab_size)
+
+
+def test_fresh_python_without_slimtune_loads_the_tokenizer_and_the_remote_code_model(tmp_path, bpe_tokenizer):
+    """What a user without slimtune does with a non-uniform output: the tokenizer loads without running
+    or asking about code when told trust_remote_code=False, the model with trust_remote_code=True."""
+    import subprocess
+    import sys
+
+    model = tiny_model("llama", vocab_size=320)
+    shrink_(model, _mask(model, heads="q_nonuniform_layers", channels=5))
+    out = save_model(model, tmp_path / "nu", tokenizer=bpe_tokenizer)
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"tok = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=False)\n"
+        "assert tok('hello world').input_ids, 'empty tokenisation'\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        "assert 'slimtune' not in sys.modules and type(m).__name__ == 'SlimLlamaForCausalLM', type(m)\n"
+        "print(m(torch.tensor([[1, 2, 3]])).logits.shape[-1])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "320"

@@ -1,5 +1,6 @@
 """The CLI end to end on a tiny local model and text file, and its one-line errors."""
 
+import importlib.util
 import json
 
 import pytest
@@ -173,6 +174,15 @@ def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, ca
               "--checkpoint-every", "2", "--prune-every", "1", "--no-eval", *FAST]
     code, _, err = _run(capsys, *common, "--out", tmp_path / "full")
     assert code == 0, err
+    if importlib.util.find_spec("tensorboard"):  # the same rows as TensorBoard scalars, copied into the output
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "full" / "tensorboard")).Reload()
+        assert {"train/loss", "train/sparsity", "train/tokens_per_s", "train/memory_mib"} <= set(events.Tags()["scalars"])
+        history = json.loads((tmp_path / "full" / "report.json").read_text())["history"]
+        scalars = events.Scalars("train/loss")
+        assert [e.step for e in scalars] == [h["step"] for h in history]
+        assert [e.value for e in scalars] == pytest.approx([h["loss"] for h in history], rel=1e-6)
 
     real_step = Trainer.train_step
     calls = {"n": 0}

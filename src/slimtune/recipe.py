@@ -33,6 +33,7 @@ from .models import get_arch, load_model
 from .runtime import check_seq_len, pick_device
 from .training import distributed
 from .training.loop import LOG
+from .training.tensorboard import EVENTS_DIR
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXPORTS = ("hf", "gguf")
@@ -270,6 +271,8 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
             shutil.copytree(work / "adapters", tmp / "adapters")
         if (work / LOG).is_file():
             shutil.copyfile(work / LOG, tmp / LOG)
+        if (work / EVENTS_DIR).is_dir():
+            shutil.copytree(work / EVENTS_DIR, tmp / EVENTS_DIR)
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in masks.state_dict().items()}, str(tmp / "pruning_masks.safetensors"))

@@ -39,6 +39,7 @@ from .distill import DistillSettings, dense_teacher, distill_loss
 from .loss import causal_lm_loss
 from .lr_rule import RULES, global_batch, scaled_lr
 from .step import PruneStep
+from .tensorboard import StepWriter
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"  # one JSON row per optimiser step, next to the checkpoint
@@ -156,6 +157,7 @@ class Trainer:
         self.teacher = dense_teacher(model, getattr(pruner, "gates", None), quant) if self.distill else None
         self.averager = WeightAverager(self.params, averaging, settings.steps) if averaging is not None and averaging.enabled else None
         self.log = Path(checkpoint_dir) / LOG if checkpoint_dir else None
+        self.events = StepWriter(checkpoint_dir, enabled=self.world.main)  # TensorBoard, when installed
         check_precision(model, settings.mixed_precision)
         self.scaler = torch.amp.GradScaler(enabled=settings.mixed_precision == "fp16")
         if settings.gradient_checkpointing:
@@ -363,11 +365,13 @@ class Trainer:
             self.history.append(row)
             if self.log is not None and main:
                 append_jsonl(self.log, row)
+            self.events.write(row)
             bar.set_postfix(loss=f"{values['loss']:.3f}", sparsity=f"{sparsity:.3f}")
             bar.update(1)
             if s.checkpoint_every and (self.step % s.checkpoint_every == 0 or self.step == s.steps):
                 self.save_checkpoint()
         bar.close()
+        self.events.close()
         return self.history
 
 

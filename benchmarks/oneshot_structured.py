@@ -41,11 +41,12 @@ CASES = [
     ("taylor_vector_calib16", "taylor_vector", 16, None, {}),
     ("taylor2_calib16", "taylor2", 16, None, {}),
     ("taylor_calib16_llmpruner_range", "taylor", 16, LLMPRUNER_RANGE, {}),
-    ("taylor2_calib4", "taylor2", 4, None, {}),
-    ("taylor2_calib16_channels_only", "taylor2", 16, None, {"granularity": "channels"}),
-    ("taylor2_calib16_q_heads", "taylor2", 16, None, {"head_mode": "q_heads"}),
-    ("taylor2_calib16_llmpruner_range", "taylor2", 16, LLMPRUNER_RANGE, {}),
-    ("taylor2_calib16_global", "taylor2", 16, None, {"ranking": "global"}),
+    ("fisher_calib4", "fisher", 4, None, {}),
+    ("fisher_calib16", "fisher", 16, None, {}),
+    ("fisher_calib32", "fisher", 32, None, {}),
+    ("fisher_calib16_channels_only", "fisher", 16, None, {"granularity": "channels"}),
+    ("fisher_calib16_q_heads", "fisher", 16, None, {"head_mode": "q_heads"}),
+    ("fisher_calib16_llmpruner_range", "fisher", 16, LLMPRUNER_RANGE, {}),
 ]
 
 

@@ -18,6 +18,7 @@ ROWS = {
     "taylor": (False, {}),
     "taylor2": (False, {}),
     "taylor_vector": (False, {}),
+    "fisher": (False, {}),
     "magnitude": (False, {}),
     "l2": (False, {}),
     "random": (False, {}),

@@ -69,7 +69,7 @@ def test_taylor_predicts_loss_change_to_first_order(kind, scale):
     assert errors[1] < 0.3 * errors[0] and errors[2] < 0.3 * errors[1], errors
 
 
-@pytest.mark.parametrize("variant", ["element1", "element2", "vector"])
+@pytest.mark.parametrize("variant", ["element1", "element2", "vector", "fisher"])
 def test_taylor_hooks_match_plain_backward(variant):
     model = tiny_model("llama")
     model.model.embed_tokens.weight.requires_grad_(False)  # a non-default flag that must come back
@@ -94,10 +94,11 @@ def test_taylor_hooks_match_plain_backward(variant):
         imp.element_scores()  # remove() dropped the accumulators
 
 
-def test_taylor_element2_matches_manual_fisher_formula():
+@pytest.mark.parametrize("variant", ["element2", "fisher"])
+def test_taylor_second_order_variants_match_the_manual_fisher_formula(variant):
     model = tiny_model("qwen2")
     batches = _batches(2)
-    scores = _scores(model, batches, variant="element2")
+    scores = _scores(model, batches, variant=variant)
     spec = get_arch(model)
     keys = [(i, path) for i, path, _ in projection_weights(model, spec)]
     weights = [w for _, _, w in projection_weights(model, spec)]
@@ -105,7 +106,7 @@ def test_taylor_element2_matches_manual_fisher_formula():
     for k, ((i, path), w) in enumerate(zip(keys, weights)):
         G = grads[0][k] + grads[1][k]
         Fisher = grads[0][k] ** 2 + grads[1][k] ** 2
-        expected = (G * w - 0.5 * Fisher * w**2).abs()
+        expected = (G * w - 0.5 * Fisher * w**2).abs() if variant == "element2" else Fisher * w**2
         assert torch.allclose(scores[i][path], expected, rtol=1e-5, atol=1e-12), (i, path)
 
 
@@ -181,7 +182,7 @@ def test_registry_and_its_error():
     msg = str(info.value)
     assert "\n" not in msg and "unknown criterion 'nope'" in msg
     assert all(name in msg for name in CRITERIA)
-    with pytest.raises(SlimtuneError, match="element1, element2, vector"):
+    with pytest.raises(SlimtuneError, match="element1, element2, vector, fisher"):
         TaylorImportance(model, variant="second")
 
 

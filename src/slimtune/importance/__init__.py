@@ -27,6 +27,7 @@ register("loraprune", LoRAPruneImportance, "LoRA-gradient importance while fine-
 register("grad", LoRAPruneImportance, "the same loop with the true weight gradient: the memory-hungry reference", metric="grad")
 register("taylor", TaylorImportance, "first-order element-wise Taylor |g·w| (LLM-Pruner, arXiv 2305.11627)", variant="element1")
 register("taylor2", TaylorImportance, "Taylor with the Fisher second-order term", variant="element2")
+register("fisher", TaylorImportance, "second-order Taylor with the Fisher diagonal, Σ_b (g_b·w)² (Optimal Brain Damage)", variant="fisher")
 register("taylor_vector", TaylorImportance, "vector-wise Taylor |Σ g·w| per unit", variant="vector")
 register("magnitude", MagnitudeImportance, "|w| (L1)", p=1)
 register("l2", MagnitudeImportance, "w² (L2)", p=2)

@@ -268,9 +268,60 @@ def sparse_section() -> list[str]:
     return out
 
 
+def structured_section() -> list[str]:
+    d = _load("oneshot_structured")
+    if not d:
+        return []
+    rows = {r["name"]: r for r in d["rows"]}
+    dense = rows.pop("dense")
+    out = [
+        "### Structured one-shot at 20%: what matters against LLM-Pruner",
+        "",
+        f"`python benchmarks/oneshot_structured.py [--cases ...]` ({_machine(d)}). Heads + channels, local ranking, no recovery; "
+        "calibration batches of 2 x 256 tokens of the train split; perplexity on 16 windows of 512 tokens. Default layer range keeps "
+        "the first 3 and the last layer; the LLM-Pruner range keeps the first 4 and the last 2. "
+        f"Dense: wiki {dense['wiki_512']:.2f}, news {dense['news_512']:.2f}. Wall time includes the calibration passes (load average beside it).",
+        "",
+        "| case | criterion | calibration batches | other | wiki 512 | news 512 | x dense (wiki / news) | wall (load) |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        other = ", ".join(f"{k}={r[k]}" for k in ("granularity", "head_mode", "ranking") if k in r)
+        if r.get("excluded"):
+            other = ", ".join(x for x in (other, f"excluded {r['excluded']}") if x)
+        out.append(f"| {name} | {r['criterion']} | {r['calib_batches']} | {other or '-'} | {r['wiki_512']:.1f} | {r['news_512']:.1f} | "
+                   f"{r['wiki_512'] / dense['wiki_512']:.2f} / {r['news_512'] / dense['news_512']:.2f} | {r['seconds']:.0f} s ({r['load_avg_1m']:.1f}) |")
+    out.append("")
+    return out
+
+
+def qat_section() -> list[str]:
+    d = _load("qat_gguf")
+    if not d:
+        return []
+    out = [
+        "### W4 (group 32): round-to-nearest vs QAT + LoRA, in slimtune and in llama.cpp",
+        "",
+        f"`python benchmarks/qat_gguf.py` ({_machine(d)}). Same {d['windows']} windows of 512 tokens for both scorers; llama.cpp is the "
+        "`xllamacpp` wheel running the saved `model.gguf` (see slimtune/evaluate/llamacpp.py). Trained rows: `slimtune prune` at the "
+        "quick preset (24 steps of 2 x 256 tokens). Speed: llama.cpp on this CPU, 256-token prompt and 64 generated tokens, medians of 3.",
+        "",
+        "| variant | options | wiki 512 slimtune / llama.cpp | news 512 slimtune / llama.cpp | GGUF size | llama.cpp prompt / gen tok/s | wall |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, v in d["variants"].items():
+        sp = v.get("llamacpp_speed")
+        speed = f"{sp['prompt_tokens_per_s']:.0f} / {sp['gen_tokens_per_s']:.1f}" if sp else "-"
+        opts = v["command"].replace("slimtune prune", "").replace("--export gguf --preset quick --no-eval", "").strip()
+        out.append(f"| {name} | `{opts}` | {v['slimtune_wiki_512']:.2f} / {v['llamacpp_wiki_512']:.2f} | {v['slimtune_news_512']:.2f} / "
+                   f"{v['llamacpp_news_512']:.2f} | {v['gguf_bytes'] / 2**20:.1f} MiB | {speed} | {v['wall_seconds'] / 60:.1f} min |")
+    out.append("")
+    return out
+
+
 def main() -> None:
     lines = [START, ""]
-    sections = (dense_section, default_run_section, sparse_section, targets_section, quality_section, fidelity_section, memory_section, overhead_section,
+    sections = (dense_section, default_run_section, qat_section, sparse_section, structured_section, targets_section, quality_section, fidelity_section, memory_section, overhead_section,
                 speed_section, oneshot_section, taylor_memory_section)
     for section in sections:
         lines += section()

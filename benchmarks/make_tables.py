@@ -286,7 +286,7 @@ def structured_section() -> list[str]:
         "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
-        other = ", ".join(f"{k}={r[k]}" for k in ("granularity", "head_mode", "ranking") if k in r)
+        other = ", ".join(f"{k}={r[k]}" for k in ("granularity", "head_mode", "ranking", "normalise") if k in r)
         if r.get("excluded"):
             other = ", ".join(x for x in (other, f"excluded {r['excluded']}") if x)
         out.append(f"| {name} | {r['criterion']} | {r['calib_batches']} | {other or '-'} | {r['wiki_512']:.1f} | {r['news_512']:.1f} | "

@@ -47,6 +47,11 @@ CASES = [
     ("fisher_calib16_channels_only", "fisher", 16, None, {"granularity": "channels"}),
     ("fisher_calib16_q_heads", "fisher", 16, None, {"head_mode": "q_heads"}),
     ("fisher_calib16_llmpruner_range", "fisher", 16, LLMPRUNER_RANGE, {}),
+    ("fisher_calib16_normalise_none", "fisher", 16, None, {"normalise": "none"}),
+    ("fisher_calib16_channels_only_normalise_none", "fisher", 16, None, {"granularity": "channels", "normalise": "none"}),
+    ("fisher_calib16_channels_only_llmpruner_range", "fisher", 16, LLMPRUNER_RANGE, {"granularity": "channels"}),
+    ("taylor_calib16_channels_only", "taylor", 16, None, {"granularity": "channels"}),
+    ("taylor_calib4_channels_only", "taylor", 4, None, {"granularity": "channels"}),
 ]
 
 

@@ -221,7 +221,7 @@ def default_run_section() -> list[str]:
         "### The default run, and what distillation and the LR schedule do to it",
         "",
         f"`python benchmarks/default_run.py --variant NAME -- OPTIONS` ({_machine(d)}): one `slimtune prune` process per row "
-        "(20% of the decoder, heads + channels, LoRAPrune, preset quick), then the saved model's perplexity on "
+        "(20% of the decoder, LoRAPrune, preset quick; the granularity was heads + channels up to v3, channels from v4 on, now the default), then the saved model's perplexity on "
         f"{d['windows']} evenly spaced windows of the Wikipedia test split at 256 and 512 tokens, and on the Lee news corpus "
         "(another domain, used for nothing else). Wall time on a shared CPU: other work ran at the same time, so read it as an upper bound.",
         "",

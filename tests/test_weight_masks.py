@@ -157,7 +157,7 @@ def test_unstructured_counts_and_decoder_sparsity():
     row_masks = WeightMasks(model, spec, excluded)
     select_unstructured(row_masks, random_scores(row_masks, 5), 0.5, per_row=True)
     for keep in row_masks.as_dict().values():
-        assert bool(((~keep).sum(dim=1) == int(keep.shape[1] * 0.5)).all())
+        assert bool(((~keep).sum(dim=1) == int(keep.shape[1] * 0.5)).all())  # in·0.5 is whole: every row alike
     msg = check_one_line(lambda: module_fraction_for(model, spec, {0, 1, 2}, 0.9))
     assert "lower --sparsity" in msg
     check_one_line(lambda: module_fraction_for(model, spec, set(), 1.0))

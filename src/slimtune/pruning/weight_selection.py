@@ -2,7 +2,8 @@
 
 Masks only grow: pruned weights sort first (-inf), so they stay pruned.
 - `select_unstructured`: the int(numel·p) lowest scores of each projection (Wanda's `per_row`:
-  int(in·p) per output row, arXiv 2306.11695 §3). A strict top-k, ties by index, so it never
+  compared within each output row, arXiv 2306.11695 §3, floor or ceil of in·p per row so that the
+  module total is exactly int(numel·p)). A strict top-k, ties by index, so it never
   overshoots the target the way a `≤ threshold` cut does.
 - `select_nm`: n kept in every block of m consecutive inputs of every row (2:4 is the pattern of
   NVIDIA's sparse tensor cores).
@@ -77,10 +78,26 @@ def _scores_for(masks: WeightMasks, flat: dict[Key, torch.Tensor], key: Key) -> 
     return s.masked_fill(~keep, -torch.inf)
 
 
+def _prune_rows(keep: torch.Tensor, s: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune the k lowest scores row by row: every row gives its base = k // out lowest, and the
+    k - base·out rows whose next-lowest score is smallest give one more, so the module total is
+    exactly k (Wanda's per-row comparison, without the rounding shortfall of int(in·p) per row)."""
+    rows = s.shape[0]
+    base, extra = divmod(k, rows)
+    values, order = torch.sort(s, dim=1, stable=True)
+    drop = torch.zeros_like(keep)
+    drop.scatter_(1, order[:, :base], True)
+    if extra:
+        chosen = torch.sort(values[:, base], stable=True).indices[:extra]
+        drop[chosen, order[chosen, base]] = True
+    return keep & ~drop
+
+
 @torch.no_grad()
 def select_unstructured(masks: WeightMasks, scores: dict[Key, torch.Tensor] | ElementScores, sparsity_in_module: float, per_row: bool = False) -> dict:
-    """Prune the int(numel·p) lowest-scoring weights of every masked projection (per_row: int(in·p)
-    in every output row); ties go to the lower index. Returns {"pruned", "masked"} weight counts."""
+    """Prune the int(numel·p) lowest-scoring weights of every masked projection (per_row: compared
+    within each output row, rows differing by at most one); ties go to the lower index. Returns
+    {"pruned", "masked"} weight counts."""
     p = sparsity_in_module
     check_sparsity(p, "module sparsity")
     flat = _flat_scores(scores)
@@ -88,10 +105,7 @@ def select_unstructured(masks: WeightMasks, scores: dict[Key, torch.Tensor] | El
         keep = masks.mask(*key)
         s = _scores_for(masks, flat, key)  # [out, in]
         if per_row:
-            k = int(s.shape[1] * p)
-            order = torch.sort(s, dim=1, stable=True).indices[:, :k]  # [out, k]
-            new = keep.clone()
-            new.scatter_(1, order, False)
+            new = _prune_rows(keep, s, int(s.numel() * p))
         else:
             k = int(s.numel() * p)
             order = torch.sort(s.flatten(), stable=True).indices[:k]

@@ -304,7 +304,7 @@ def qat_section() -> list[str]:
         "",
         f"`python benchmarks/qat_gguf.py` ({_machine(d)}). Same {d['windows']} windows of 512 tokens for both scorers; llama.cpp is the "
         "`xllamacpp` wheel running the saved `model.gguf` (see slimtune/evaluate/llamacpp.py). Trained rows: `slimtune prune` at the "
-        "quick preset (24 steps of 2 x 256 tokens). Speed: llama.cpp on this CPU, 256-token prompt and 64 generated tokens, medians of 3.",
+        "quick preset (2 x 256-token batches; the step count is in the options when it is not the preset's). Speed: llama.cpp on this CPU, 256-token prompt and 64 generated tokens, medians of 3.",
         "",
         "| variant | options | wiki 512 slimtune / llama.cpp | news 512 slimtune / llama.cpp | GGUF size | llama.cpp prompt / gen tok/s | wall |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -40,7 +40,8 @@ def _run(capsys, *argv):
 def test_prune_end_to_end(tmp_path, tiny_dir, text_file, capsys, criterion):
     out = tmp_path / "out"
     code, stdout, err = _run(capsys, "prune", "--model", tiny_dir, "--data", text_file, "--out", out, "--criterion", criterion,
-                             "--sparsity", "0.3", "--steps", "4", "--batch-size", "2", "--calib-batches", "1", "--json", tmp_path / "r.json", *FAST)
+                             "--sparsity", "0.3", "--granularity", "heads,channels", "--steps", "4", "--batch-size", "2", "--calib-batches", "1",
+                             "--json", tmp_path / "r.json", *FAST)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity"]["achieved"] == pytest.approx(0.3, abs=0.05)
@@ -76,7 +77,8 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["prune", "--preset", "huge"], "unknown preset"),
         (["prune", "--resume"], "nothing to resume"),
         (["prune", "--lora-targets", "q_proj,v_proj"], "LoRAPrune cannot score channels"),
-        (["prune", "--criterion", "block_influence"], "cannot score heads, channels"),
+        (["prune", "--criterion", "block_influence"], "cannot score channels (it scores layers)"),
+        (["prune", "--sparsity", "0.5"], "sparsity 0.500 is not reachable with granularity channels"),
         (["prune", "--granularity", "nm", "--nm", "5:4"], "5:4 is invalid"),
         (["prune", "--mixed-precision", "fp16"], "fp16 autocast needs a GPU"),
         (["prune", "--steps", "x"], "invalid int value"),
@@ -170,7 +172,7 @@ def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, ca
 
     from slimtune.training.loop import Trainer
 
-    common = ["prune", "--model", tiny_dir, "--data", text_file, "--sparsity", "0.4", "--steps", "6", "--batch-size", "2",
+    common = ["prune", "--model", tiny_dir, "--data", text_file, "--sparsity", "0.4", "--granularity", "heads,channels", "--steps", "6", "--batch-size", "2",
               "--checkpoint-every", "2", "--prune-every", "1", "--no-eval", *FAST]
     code, _, err = _run(capsys, *common, "--out", tmp_path / "full")
     assert code == 0, err

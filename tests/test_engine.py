@@ -31,13 +31,15 @@ def test_loraprune_without_mlp_adapters_is_refused_before_work():
     assert "\n" not in str(err.value)
     assert not hasattr(model, "peft_config")  # nothing was attached
     # heads alone are scored from the q and v adapters: allowed
-    check_config(model, _config(targets=["q_proj", "v_proj"], granularity="heads"))
+    check_config(model, _config(targets=["q_proj", "v_proj"], granularity="heads", sparsity=0.15))
 
 
 def test_block_influence_cannot_score_heads_or_channels():
     """Defect 2: a layer-level criterion with the default heads,channels used to prune heads 0-2 by index."""
     with pytest.raises(SlimtuneError, match="'block_influence' cannot score heads, channels \\(it scores layers\\); pass --granularity layers"):
-        OneShotConfig(criterion="block_influence")
+        OneShotConfig(criterion="block_influence", prune=PruneSettings(granularity="heads,channels"))
+    with pytest.raises(SlimtuneError, match="'block_influence' cannot score channels \\(it scores layers\\)"):
+        OneShotConfig(criterion="block_influence")  # the default granularity
     OneShotConfig(criterion="block_influence", prune=PruneSettings(granularity="layers"))
     with pytest.raises(SlimtuneError, match="cannot score weights"):
         OneShotConfig(criterion="block_influence", prune=PruneSettings(granularity="unstructured"))

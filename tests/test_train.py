@@ -21,7 +21,7 @@ def _setup(steps=8, tmp=None, sparsity=0.4):
     torch.manual_seed(0)
     model = attach_lora(tiny_model("llama", num_hidden_layers=4), LoraSettings(r=4, alpha=8))
     imp = LoRAPruneImportance(model)
-    pruner = Pruner(model, PruneSettings(sparsity=sparsity, prune_every=2, exclude_layers=[0]), imp, total_steps=steps)
+    pruner = Pruner(model, PruneSettings(sparsity=sparsity, granularity="heads,channels", prune_every=2, exclude_layers=[0]), imp, total_steps=steps)
     trainer = Trainer(model, TOKENS, TrainSettings(steps=steps, batch_size=2, lr=1e-2, warmup_steps=0, checkpoint_every=2), imp, pruner, checkpoint_dir=tmp)
     return model, imp, pruner, trainer
 
@@ -131,7 +131,7 @@ def test_true_gradient_metric_observes_but_never_trains_base_weights():
     torch.manual_seed(0)
     model = attach_lora(tiny_model("llama", num_hidden_layers=4), LoraSettings(r=4, alpha=8))
     imp = LoRAPruneImportance(model, metric="grad")
-    pruner = Pruner(model, PruneSettings(sparsity=0.3, prune_every=2, exclude_layers=[0]), imp, total_steps=4)
+    pruner = Pruner(model, PruneSettings(sparsity=0.3, granularity="heads,channels", prune_every=2, exclude_layers=[0]), imp, total_steps=4)
     trainer = Trainer(model, TOKENS, TrainSettings(steps=4, batch_size=2, lr=1e-2, warmup_steps=0, checkpoint_every=0), imp, pruner)
     enable_full_grad(model)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}

@@ -87,6 +87,10 @@ def check_config(model: nn.Module, config: MethodConfig) -> None:
     if get_criterion(config.criterion).options.get("metric") == "lora":
         adapted = {(i, p) for i in range(n) for p in spec.projections() if p.rsplit(".", 1)[-1] in targets}
         check_adapter_coverage(spec, adapted, s.units, prunable)
+    if not s.weight_level:  # a target the granularity cannot reach: refused now, not when the ramp gets there
+        from .pruning.selection import check_reachable
+
+        check_reachable(model, s.gran, s.sparsity, s.ranking, excluded_layers(s, n), s.layer_share)
     if s.granularity.strip().lower() == "nm":
         from .pruning.weight_selection import parse_nm
 

@@ -234,12 +234,31 @@ def select(
     if sparsity > 0 and achieved < 0.9 * sparsity - 1e-3:
         raise SlimtuneError(
             f"sparsity {sparsity:.3f} is not reachable with granularity {','.join(gran.names)} "
-            f"(at most {achieved:.3f} of decoder parameters without emptying a layer); add channels, prune fewer excluded layers, or lower --sparsity"
+            f"(at most {achieved:.3f} of decoder parameters without emptying a layer); {_more_units(gran)}prune fewer excluded layers (--exclude-layers), or lower --sparsity"
         )
     # units are discrete: a target can be missed by a fraction of one unit's cost, or by more when
     # the granularity runs out of units; the caller reports any shortfall instead of hiding it
     return {"target": sparsity, "achieved": achieved, "shortfall": max(0.0, sparsity - achieved),
             "decoder_params_before": before, "decoder_params_after": after}
+
+
+def check_reachable(model: nn.Module, gran: Granularity, sparsity: float, ranking: str = "local",
+                    excluded: set[int] | None = None, layer_share: float = 0.5) -> None:
+    """Refuse, before any work, a target the granularity cannot reach on this model: a dry run of
+    `select` on fresh masks with random unit scores (it raises the one-line error). Unit scores only,
+    so it costs no weight-sized memory."""
+    if sparsity <= 0:
+        return
+    masks = StructuredMasks(model)
+    g = torch.Generator().manual_seed(0)
+    scores = [{"heads": torch.rand(masks.heads(i).shape, generator=g), "channels": torch.rand(masks.channels(i).shape, generator=g),
+               "layer": float(torch.rand((), generator=g))} for i in range(len(masks))]
+    select(model, masks, scores, gran, sparsity, ranking=ranking, excluded=excluded, layer_share=layer_share)
+
+
+def _more_units(gran: Granularity) -> str:
+    missing = [n for n, on in (("heads", gran.heads), ("channels", gran.channels), ("layers", gran.layers)) if not on]
+    return f"add {' or '.join(missing)} to --granularity, " if missing else ""
 
 
 def _solve_local(queues, budget, gran, costs, head_plan) -> list[Candidate]:

@@ -309,7 +309,8 @@ def qat_section() -> list[str]:
         "| variant | options | wiki 512 slimtune / llama.cpp | news 512 slimtune / llama.cpp | GGUF size | llama.cpp prompt / gen tok/s | wall |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for name, v in d["variants"].items():
+    order = ["dense", "rtn", "lora", "fake", "lsq", "lsq+", "prune20_lsq"]
+    for name, v in sorted(d["variants"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         sp = v.get("llamacpp_speed")
         speed = f"{sp['prompt_tokens_per_s']:.0f} / {sp['gen_tokens_per_s']:.1f}" if sp else "-"
         opts = v["command"].replace("slimtune prune", "").replace("--export gguf --preset quick --no-eval", "").strip()

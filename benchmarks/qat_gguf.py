@@ -2,11 +2,14 @@
 aware LoRA fine-tuning (fake-quant, LSQ, LSQ+) and against pruning + LSQ in one pass, each scored in
 slimtune and in a real llama.cpp on the same windows, with GGUF size and llama.cpp speed.
 
-    python benchmarks/qat_gguf.py [--variants dense rtn fake lsq lsq+ prune20_lsq] [--steps 24]
+    python benchmarks/qat_gguf.py [--variants dense rtn lora fake lsq lsq+ prune20_lsq] [--steps N]
 
 - dense: the fp32 model in slimtune; its f16 GGUF in llama.cpp.
 - rtn: llama.cpp's own Q4_0 rounding of the dense weights (`export_gguf(dtype="q4_0")`, which
   reproduces llama.cpp's bytes); slimtune scores the same file de-quantised (`gguf_state_dict`).
+- lora: the same LoRA fine-tuning without quantisation or pruning (f16 GGUF): the bundled model is an
+  instruct model, and fine-tuning it on plain text lowers plain-text perplexity by itself, so the
+  QAT rows are to be read against this row as well as against dense.
 - fake / lsq / lsq+ / prune20_lsq: one `slimtune prune ... --export gguf` process each (quick
   preset: 2 x 256-token batches). slimtune scores the saved Hugging Face weights (the de-quantised
   trained codes, what the fake-quant forward computed); llama.cpp scores the model.gguf next to it
@@ -37,6 +40,7 @@ from default_run import news_tokens  # noqa: E402
 
 WINDOWS = 16
 CLI = {
+    "lora": ["--sparsity", "0"],  # the same LoRA fine-tuning without quantisation: what the fine-tuning alone does
     "fake": ["--sparsity", "0", "--quant", "w4g32", "--quantizer", "fake"],
     "lsq": ["--sparsity", "0", "--quant", "w4g32", "--quantizer", "lsq"],
     "lsq+": ["--sparsity", "0", "--quant", "w4g32a", "--quantizer", "lsq+"],
@@ -100,7 +104,7 @@ def _trained(variant: str, tmp: Path, windows: dict, steps: int | None, speed: b
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", nargs="+", default=["dense", "rtn", "fake", "lsq", "lsq+", "prune20_lsq"])
+    ap.add_argument("--variants", nargs="+", default=["dense", "rtn", "lora", "fake", "lsq", "lsq+", "prune20_lsq"])
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the quick preset's)")
     args = ap.parse_args()
     from slimtune.models import load_model

@@ -306,7 +306,7 @@ def qat_section() -> list[str]:
         "`xllamacpp` wheel running the saved `model.gguf` (see slimtune/evaluate/llamacpp.py). Trained rows: `slimtune prune` at the "
         "quick preset (2 x 256-token batches; the step count is in the options when it is not the preset's). Speed: llama.cpp on this CPU, 256-token prompt and 64 generated tokens, medians of 3.",
         "",
-        "| variant | options | wiki 512 slimtune / llama.cpp | news 512 slimtune / llama.cpp | GGUF size | llama.cpp prompt / gen tok/s | wall |",
+        "| variant | options | wiki 512 slimtune / llama.cpp | news 512 slimtune / llama.cpp | GGUF size | llama.cpp prompt / gen tok/s | wall (1-min load at the end; 2 = this job alone) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     order = ["dense", "rtn", "lora", "fake", "lsq", "lsq+", "prune20_lsq"]
@@ -315,7 +315,8 @@ def qat_section() -> list[str]:
         speed = f"{sp['prompt_tokens_per_s']:.0f} / {sp['gen_tokens_per_s']:.1f}" if sp else "-"
         opts = v["command"].replace("slimtune prune", "").replace("--export gguf --preset quick --no-eval", "").strip()
         out.append(f"| {name} | `{opts}` | {v['slimtune_wiki_512']:.2f} / {v['llamacpp_wiki_512']:.2f} | {v['slimtune_news_512']:.2f} / "
-                   f"{v['llamacpp_news_512']:.2f} | {v['gguf_bytes'] / 2**20:.1f} MiB | {speed} | {v['wall_seconds'] / 60:.1f} min |")
+                   f"{v['llamacpp_news_512']:.2f} | {v['gguf_bytes'] / 2**20:.1f} MiB | {speed} | {v['wall_seconds'] / 60:.1f} min"
+                   + (f" (load {v['load_avg_1m']:.1f})" if "load_avg_1m" in v else "") + " |")
     out.append("")
     return out
 

@@ -268,6 +268,28 @@ def sparse_section() -> list[str]:
     return out
 
 
+def sparse_size_section() -> list[str]:
+    d = _load("sparse_size")
+    if not d:
+        return []
+    out = [
+        "### Size on disk of the sparse copy",
+        "",
+        f"`{d['command']}` ({_machine(d)}). fp32 bundled model, decoder projections pruned by one-shot magnitude (the size depends "
+        f"on the pattern, not on the criterion), saved dense (`save_model`) and sparse (`--save-sparse auto`: compressed-tensors "
+        f"layouts); save / load medians of {d['repeats']}; the reload is compared bit for bit.",
+        "",
+        "| pattern | format | sparsity of all parameters | dense files | sparse files | ratio | save / load | bit-exact |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in d["rows"]:
+        out.append(f"| {r['pattern']} | {r['format']} | {r['global_sparsity']:.3f} | {r['dense_file_bytes'] / 2**20:.0f} MiB | "
+                   f"{r['sparse_weight_bytes'] / 2**20:.0f} MiB | {r['ratio']:.2f}x | {r['save_seconds_median']:.1f} s / {r['load_seconds_median']:.1f} s | "
+                   f"{'yes' if r['reload_bit_exact'] else 'NO'} |")
+    out.append("")
+    return out
+
+
 def structured_section() -> list[str]:
     d = _load("oneshot_structured")
     if not d:
@@ -323,7 +345,7 @@ def qat_section() -> list[str]:
 
 def main() -> None:
     lines = [START, ""]
-    sections = (dense_section, default_run_section, qat_section, sparse_section, structured_section, targets_section, quality_section, fidelity_section, memory_section, overhead_section,
+    sections = (dense_section, default_run_section, qat_section, sparse_section, sparse_size_section, structured_section, targets_section, quality_section, fidelity_section, memory_section, overhead_section,
                 speed_section, oneshot_section, taylor_memory_section)
     for section in sections:
         lines += section()

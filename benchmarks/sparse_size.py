@@ -44,7 +44,7 @@ def main() -> None:
     rows = []
     for pattern in ("0.5", "2:4", "4:8"):
         model = copy.deepcopy(dense)
-        slimtune.prune_(model, OneShotConfig(criterion="magnitude", prune=_settings(pattern), recover_steps=0,
+        result = slimtune.prune_(model, OneShotConfig(criterion="magnitude", prune=_settings(pattern), recover_steps=0,
                                              train=TrainSettings(checkpoint_every=0)), train, progress=False)
         saves, loads = [], []
         with tempfile.TemporaryDirectory() as tmp:
@@ -52,7 +52,7 @@ def main() -> None:
             dense_bytes = sum(f.stat().st_size for f in dense_dir.glob("*.safetensors"))
             for k in range(REPEATS):
                 t0 = time.perf_counter()
-                info = save_sparse(model, Path(tmp) / f"sparse{k}")
+                info = save_sparse(model, Path(tmp) / f"sparse{k}", masks=result.masks)  # the pruned projections only
                 saves.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 back = load_sparse(Path(tmp) / f"sparse{k}")

@@ -304,7 +304,7 @@ def structured_section() -> list[str]:
         "the first 3 and the last layer; the LLM-Pruner range keeps the first 4 and the last 2. "
         f"Dense: wiki {dense['wiki_512']:.2f}, news {dense['news_512']:.2f}. Wall time includes the calibration passes (load average beside it).",
         "",
-        "| case | criterion | calibration batches | other | wiki 512 | news 512 | x dense (wiki / news) | wall (load) |",
+        "| case | criterion | calibration batches | settings | wiki 512 | news 512 | x dense (wiki / news) | wall (load) |",
         "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():

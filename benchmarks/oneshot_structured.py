@@ -33,21 +33,22 @@ from slimtune.pruning.pruner import PruneSettings  # noqa: E402
 from slimtune.training.loop import TrainSettings  # noqa: E402
 
 LLMPRUNER_RANGE = [0, 1, 2, 3, 28, 29]
+HC = {"granularity": "heads,channels"}  # the default granularity when the first rows ran
 # (name, criterion, calib batches, excluded layers or None for the default, other PruneSettings)
 CASES = [
-    ("taylor_calib4", "taylor", 4, None, {}),
-    ("taylor_calib16", "taylor", 16, None, {}),
-    ("taylor_calib32", "taylor", 32, None, {}),
-    ("taylor_vector_calib16", "taylor_vector", 16, None, {}),
-    ("taylor2_calib16", "taylor2", 16, None, {}),
-    ("taylor_calib16_llmpruner_range", "taylor", 16, LLMPRUNER_RANGE, {}),
-    ("fisher_calib4", "fisher", 4, None, {}),
-    ("fisher_calib16", "fisher", 16, None, {}),
-    ("fisher_calib32", "fisher", 32, None, {}),
+    ("taylor_calib4", "taylor", 4, None, HC),
+    ("taylor_calib16", "taylor", 16, None, HC),
+    ("taylor_calib32", "taylor", 32, None, HC),
+    ("taylor_vector_calib16", "taylor_vector", 16, None, HC),
+    ("taylor2_calib16", "taylor2", 16, None, HC),
+    ("taylor_calib16_llmpruner_range", "taylor", 16, LLMPRUNER_RANGE, HC),
+    ("fisher_calib4", "fisher", 4, None, HC),
+    ("fisher_calib16", "fisher", 16, None, HC),
+    ("fisher_calib32", "fisher", 32, None, HC),
     ("fisher_calib16_channels_only", "fisher", 16, None, {"granularity": "channels"}),
-    ("fisher_calib16_q_heads", "fisher", 16, None, {"head_mode": "q_heads"}),
-    ("fisher_calib16_llmpruner_range", "fisher", 16, LLMPRUNER_RANGE, {}),
-    ("fisher_calib16_normalise_none", "fisher", 16, None, {"normalise": "none"}),
+    ("fisher_calib16_q_heads", "fisher", 16, None, {**HC, "head_mode": "q_heads"}),
+    ("fisher_calib16_llmpruner_range", "fisher", 16, LLMPRUNER_RANGE, HC),
+    ("fisher_calib16_heads_normalise_none", "fisher", 16, None, {**HC, "normalise": "none"}),
     ("fisher_calib16_channels_only_normalise_none", "fisher", 16, None, {"granularity": "channels", "normalise": "none"}),
     ("fisher_calib16_channels_only_llmpruner_range", "fisher", 16, LLMPRUNER_RANGE, {"granularity": "channels"}),
     ("taylor_calib16_channels_only", "taylor", 16, None, {"granularity": "channels"}),

@@ -94,3 +94,20 @@ def bpe_tokenizer():
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def interrupt_training_at(monkeypatch, n: int):
+    """Make the n-th `Trainer.train_step` call raise KeyboardInterrupt (a kill mid-run). Returns a
+    callable that puts the real step back, for the resume that follows."""
+    from slimtune.training.loop import Trainer
+
+    real, calls = Trainer.train_step, {"n": 0}
+
+    def dying(self):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying)
+    return lambda: monkeypatch.setattr(Trainer, "train_step", real)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slimtune.cli import main
-from tests.conftest import ByteTokenizerFactory, tiny_model
+from tests.conftest import ByteTokenizerFactory, interrupt_training_at, tiny_model
 
 FAST = ["--seq-len", "16", "--eval-windows", "2", "--latency-seq-len", "8", "--latency-repeats", "1", "--decode-tokens", "2", "--quiet"]
 
@@ -170,7 +170,6 @@ def test_weight_level_pruning_end_to_end(tmp_path, tiny_dir, text_file, capsys, 
 def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
     from safetensors.torch import load_file
 
-    from slimtune.training.loop import Trainer
 
     common = ["prune", "--model", tiny_dir, "--data", text_file, "--sparsity", "0.4", "--granularity", "heads,channels", "--steps", "6", "--batch-size", "2",
               "--checkpoint-every", "2", "--prune-every", "1", "--no-eval", *FAST]
@@ -186,20 +185,11 @@ def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, ca
         assert [e.step for e in scalars] == [h["step"] for h in history]
         assert [e.value for e in scalars] == pytest.approx([h["loss"] for h in history], rel=1e-6)
 
-    real_step = Trainer.train_step
-    calls = {"n": 0}
-
-    def dying_step(self):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    restore = interrupt_training_at(monkeypatch, 5)
     code, _, err = _run(capsys, *common, "--out", tmp_path / "resumed")
     assert code == 130 and "--resume" in err
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.work" / "checkpoint.pt").is_file()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    restore()
     code, _, err = _run(capsys, *common, "--out", tmp_path / "resumed", "--resume")
     assert code == 0, err
     full = load_file(tmp_path / "full" / "pruning_masks.safetensors")
@@ -214,22 +204,12 @@ def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, ca
 
 
 def test_resume_refuses_other_settings(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
-    from slimtune.training.loop import Trainer
 
     common = ["prune", "--model", tiny_dir, "--data", text_file, "--steps", "6", "--batch-size", "2", "--checkpoint-every", "2",
               "--no-eval", "--out", tmp_path / "o", *FAST]
-    real_step = Trainer.train_step
-    calls = {"n": 0}
-
-    def dying_step(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    restore = interrupt_training_at(monkeypatch, 3)
     assert _run(capsys, *common, "--sparsity", "0.2")[0] == 130
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    restore()
     code, _, err = _run(capsys, *common, "--sparsity", "0.5", "--resume")
     assert code == 2 and "cannot resume: prune.sparsity was 0.2 in the interrupted run and is 0.5 now" in err
     code, _, err = _run(capsys, *common, "--sparsity", "0.2", "--resume", "--eval-windows", "3")  # evaluation size may change

@@ -21,7 +21,7 @@ from slimtune.quant.qat import QuantSettings
 from slimtune.training.averaging import AveragingSettings
 from slimtune.training.distill import DistillSettings
 from slimtune.training.loop import TrainSettings
-from tests.conftest import tiny_model
+from tests.conftest import interrupt_training_at, tiny_model
 
 PROJ = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
@@ -234,24 +234,15 @@ def test_structured_qat_shrinks_to_whole_groups_and_the_gguf_has_the_per_layer_s
 
 
 def test_resume_after_qat_started_continues_exactly(tmp_path, monkeypatch):
-    from slimtune.training.loop import Trainer
 
     # steps 6, ramp steps 3..4, QAT (after shrinking) from step 4; a checkpoint after every step
     config = _config(steps=6, granularity="channels", sparsity=0.2, warmup=0.34, cooldown=0.34, train={"checkpoint_every": 1})
     full = prune_(_qmodel(), copy.deepcopy(config), TOKENS, work_dir=tmp_path / "a", progress=False)
-    real, calls = Trainer.train_step, {"n": 0}
-
-    def dying(self):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dying)
+    restore = interrupt_training_at(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         prune_(_qmodel(), copy.deepcopy(config), TOKENS, work_dir=tmp_path / "b", progress=False)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["quant"]["started"]
-    monkeypatch.setattr(Trainer, "train_step", real)
+    restore()
     resumed = prune_(_qmodel(), copy.deepcopy(config), TOKENS, work_dir=tmp_path / "b", resume=True, progress=False)
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-5)
     for k in full.quantizers.keys():

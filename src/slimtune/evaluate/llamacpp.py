@@ -61,8 +61,7 @@ class LlamaCppServer:
         params.n_batch = n_ctx
         params.n_ubatch = n_ctx
         params.n_parallel = 1
-        params.cpuparams.n_threads = threads or os.cpu_count() or 1
-        params.cpuparams_batch.n_threads = threads or os.cpu_count() or 1
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads or os.cpu_count() or 1
         params.warmup = False
         params.verbosity = -1
         if embedding:
@@ -102,8 +101,8 @@ class LlamaCppServer:
         return out["timings"]
 
 
-def output_matrix(path) -> torch.Tensor:
-    """The GGUF's output projection [vocab, hidden] in float32 (the embedding when they are tied)."""
+def _output_tensor(path):
+    """The GGUF's output projection tensor (the embedding when they are tied) and its [vocab, hidden] shape."""
     import gguf
 
     reader = gguf.GGUFReader(_check_file(path))
@@ -111,7 +110,14 @@ def output_matrix(path) -> torch.Tensor:
     t = tensors.get("output.weight") or tensors.get("token_embd.weight")
     if t is None:
         raise SlimtuneError(f"{path} has neither output.weight nor token_embd.weight; is it a language model GGUF?")
-    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+    return t, tuple(int(x) for x in reversed(t.shape.tolist()))
+
+
+def output_matrix(path) -> torch.Tensor:
+    """The GGUF's output projection [vocab, hidden] in float32 (the embedding when they are tied)."""
+    import gguf
+
+    t, shape = _output_tensor(path)
     data = gguf.quants.dequantize(t.data, t.tensor_type)
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
 
@@ -140,7 +146,7 @@ def llamacpp_perplexity(path, tokens: torch.Tensor, threads: int | None = None, 
 def llamacpp_speed(path, prompt_tokens: int = 256, new_tokens: int = 64, repeats: int = 3, threads: int | None = None) -> dict:
     """Median prompt-processing and generation tokens/s of llama.cpp on this machine (greedy, no
     prompt cache, end-of-sequence ignored so every run generates `new_tokens`)."""
-    vocab = output_matrix(path).shape[0]
+    vocab = _output_tensor(path)[1][0]  # the shape only: no need to de-quantise the matrix
     prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     runs = []
     with LlamaCppServer(path, n_ctx=prompt_tokens + new_tokens, threads=threads) as server:

@@ -39,6 +39,12 @@ def news_tokens(tokenizer, seq_len: int) -> torch.Tensor:
     return pack(docs, tokenizer, seq_len)
 
 
+def news_windows(tokenizer, seq_len: int, count: int = WINDOWS) -> torch.Tensor:
+    """`count` evenly spaced windows of the news corpus: the held-out other-domain set every benchmark uses."""
+    news = news_tokens(tokenizer, seq_len)
+    return news[torch.linspace(0, news.shape[0] - 1, count).round().long()]
+
+
 def evaluate(path: str) -> dict:
     from slimtune.data import load_tokens
     from slimtune.evaluate import perplexity
@@ -49,9 +55,7 @@ def evaluate(path: str) -> dict:
     for seq_len in (256, 512):
         tokens = load_tokens("wiki", tok, "test", seq_len, max_sequences=WINDOWS)
         out[f"wiki_test_{seq_len}"] = perplexity(model, tokens)["perplexity"]
-    news = news_tokens(tok, 512)
-    idx = torch.linspace(0, news.shape[0] - 1, WINDOWS).round().long()
-    out["news_512"] = perplexity(model, news[idx])["perplexity"]
+    out["news_512"] = perplexity(model, news_windows(tok, 512))["perplexity"]
     return out
 
 

@@ -299,7 +299,7 @@ def structured_section() -> list[str]:
     out = [
         "### Structured one-shot at 20%: what matters against LLM-Pruner",
         "",
-        f"`python benchmarks/oneshot_structured.py [--cases ...]` ({_machine(d)}). Heads + channels, local ranking, no recovery; "
+        f"`python benchmarks/oneshot_structured.py [--cases ...]` ({_machine(d)}). Granularity as listed (heads = whole KV groups unless head_mode says otherwise), local ranking, no recovery; "
         "calibration batches of 2 x 256 tokens of the train split; perplexity on 16 windows of 512 tokens. Default layer range keeps "
         "the first 3 and the last layer; the LLM-Pruner range keeps the first 4 and the last 2. "
         f"Dense: wiki {dense['wiki_512']:.2f}, news {dense['news_512']:.2f}. Wall time includes the calibration passes (load average beside it).",

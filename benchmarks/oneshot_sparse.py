@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, write  # noqa: E402
-from default_run import news_tokens  # noqa: E402
+from default_run import news_windows  # noqa: E402
 
 import slimtune  # noqa: E402
 from slimtune.config import LayerwiseConfig, LoRAPruneConfig, OneShotConfig  # noqa: E402
@@ -80,8 +80,7 @@ def main() -> None:
     dense, tok = load_model("default")
     train = load_tokens("wiki", tok, "train", 256)
     wiki = load_tokens("wiki", tok, "test", 256, max_sequences=16)
-    news_all = news_tokens(tok, 512)
-    news = news_all[torch.linspace(0, news_all.shape[0] - 1, 16).round().long()]
+    news = news_windows(tok, 512, 16)
     path = RESULTS / "oneshot_sparse.json"
     old = json.loads(path.read_text()) if args.update and path.is_file() else {}
     rows = {(r["method"], r["pattern"]): r for r in old.get("rows", [])}

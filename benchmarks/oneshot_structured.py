@@ -18,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write  # noqa: E402
-from default_run import news_tokens  # noqa: E402
+from default_run import news_windows  # noqa: E402
 
 import slimtune  # noqa: E402
 from slimtune.config import OneShotConfig  # noqa: E402
@@ -67,8 +65,7 @@ def main() -> None:
     dense, tok = load_model("default")
     train = load_tokens("wiki", tok, "train", 256)
     wiki = load_tokens("wiki", tok, "test", 512, max_sequences=16)
-    news_all = news_tokens(tok, 512)
-    news = news_all[torch.linspace(0, news_all.shape[0] - 1, 16).round().long()]
+    news = news_windows(tok, 512, 16)
     rows = old or {"dense": {"name": "dense", "wiki_512": perplexity(dense, wiki, progress=False)["perplexity"],
                              "news_512": perplexity(dense, news, progress=False)["perplexity"]}}
     for name, crit, calib, excluded, extra in CASES:

@@ -32,11 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, write  # noqa: E402
-from default_run import news_tokens  # noqa: E402
+from default_run import news_windows  # noqa: E402
 
 WINDOWS = 16
 CLI = {
@@ -51,9 +49,7 @@ CLI = {
 def _windows(tok) -> dict:
     from slimtune.data import load_tokens
 
-    news = news_tokens(tok, 512)
-    return {"wiki_512": load_tokens("wiki", tok, "test", 512, max_sequences=WINDOWS),
-            "news_512": news[torch.linspace(0, news.shape[0] - 1, WINDOWS).round().long()]}
+    return {"wiki_512": load_tokens("wiki", tok, "test", 512, max_sequences=WINDOWS), "news_512": news_windows(tok, 512, WINDOWS)}
 
 
 def _score(model, gguf_path: Path, windows: dict, speed: bool) -> dict:

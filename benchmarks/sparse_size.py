@@ -57,7 +57,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 back = load_sparse(Path(tmp) / f"sparse{k}")
                 loads.append(time.perf_counter() - t0)
-            exact = all(torch.equal(back.state_dict()[key], v) for key, v in model.state_dict().items() if key in back.state_dict())
+            reloaded = back.state_dict()
+            exact = all(torch.equal(reloaded[key], v) for key, v in model.state_dict().items() if key in reloaded)
         row = {"pattern": pattern, "format": info["format"], "global_sparsity": info["global_sparsity"],
                "dense_file_bytes": dense_bytes, "sparse_weight_bytes": info["weight_bytes"], "ratio": info["weight_bytes"] / dense_bytes,
                "save_seconds_median": statistics.median(saves), "load_seconds_median": statistics.median(loads), "reload_bit_exact": exact}

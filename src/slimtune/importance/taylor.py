@@ -51,8 +51,8 @@ class TaylorImportance(Importance):
         self.signed = variant == "vector"
         self.steps = 0
         self._weights = {(i, path): w for i, path, w in projection_weights(model, self.spec)}
-        self._grad_sum: dict[tuple[int, str], torch.Tensor] = {}  # G
-        self._grad_sq: dict[tuple[int, str], torch.Tensor] = {}  # F (element2 only)
+        self._grad_sum: dict[tuple[int, str], torch.Tensor] = {}  # G (not for fisher)
+        self._grad_sq: dict[tuple[int, str], torch.Tensor] = {}  # F (element2, fisher)
         # train only the projection weights, so backward computes nothing else
         self._flags = [(p, p.requires_grad) for p in model.parameters()]
         targets = {id(w) for w in self._weights.values()}
@@ -73,12 +73,13 @@ class TaylorImportance(Importance):
     @torch.no_grad()
     def _accumulate(self, key, grad: torch.Tensor) -> None:
         g = grad.detach().float()
-        if key not in self._grad_sum:
-            self._grad_sum[key] = torch.zeros_like(g)
-            if self.variant in ("element2", "fisher"):
-                self._grad_sq[key] = torch.zeros_like(g)
-        self._grad_sum[key].add_(g)
+        if self.variant != "fisher":  # fisher needs only F: no second weight-sized accumulator
+            if key not in self._grad_sum:
+                self._grad_sum[key] = torch.zeros_like(g)
+            self._grad_sum[key].add_(g)
         if self.variant in ("element2", "fisher"):
+            if key not in self._grad_sq:
+                self._grad_sq[key] = torch.zeros_like(g)
             self._grad_sq[key].addcmul_(g, g)
 
     def update(self, model, batch: torch.LongTensor) -> None:
@@ -100,10 +101,10 @@ class TaylorImportance(Importance):
         out: ElementScores = {}
         for (i, path), w in self._weights.items():
             w = w.detach().float()
-            g = self._grad_sum.get((i, path), torch.zeros_like(w))  # zeros: the weight got no gradient
-            if self.variant == "fisher":
+            if self.variant == "fisher":  # zeros where the weight got no gradient
                 out.setdefault(i, {})[path] = self._grad_sq.get((i, path), torch.zeros_like(w)) * w.square()
                 continue
+            g = self._grad_sum.get((i, path), torch.zeros_like(w))
             gw = g * w
             if self.variant == "element2":
                 gw = gw - 0.5 * self._grad_sq.get((i, path), torch.zeros_like(w)) * w.square()

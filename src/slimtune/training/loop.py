@@ -350,30 +350,32 @@ class Trainer:
         bar = tqdm(total=s.steps, initial=self.step, desc="prune+finetune", disable=not (progress and main), dynamic_ncols=True)
         tokens_per_step = s.global_batch(self.world.size) * self.tokens.shape[1]
         device = next(self.model.parameters()).device
-        while self.step < s.steps:
-            if self.quant is not None:
-                self.quant.maybe_start(self)
-            t0 = time.perf_counter()
-            values = self.train_step()
-            info = self.prune_step.after_optimizer(self.step)
-            if info is not None:
-                self._sync_masks()
-            seconds = time.perf_counter() - t0
-            sparsity = self.prune_step.sparsity
-            row = {"step": self.step, **values, "sparsity": sparsity, "lr": self.sched.get_last_lr()[0],
-                   "seconds": seconds, "tokens_per_s": tokens_per_step / seconds, "memory_mib": memory_now_mib(device)}
-            if info is not None:
-                row["achieved"] = info["achieved"]
-            self.history.append(row)
-            if self.log is not None and main:
-                append_jsonl(self.log, row)
-            self.events.write(row)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", sparsity=f"{sparsity:.3f}")
-            bar.update(1)
-            if s.checkpoint_every and (self.step % s.checkpoint_every == 0 or self.step == s.steps):
-                self.save_checkpoint()
-        bar.close()
-        self.events.close()
+        try:
+            while self.step < s.steps:
+                if self.quant is not None:
+                    self.quant.maybe_start(self)
+                t0 = time.perf_counter()
+                values = self.train_step()
+                info = self.prune_step.after_optimizer(self.step)
+                if info is not None:
+                    self._sync_masks()
+                seconds = time.perf_counter() - t0
+                sparsity = self.prune_step.sparsity
+                row = {"step": self.step, **values, "sparsity": sparsity, "lr": self.sched.get_last_lr()[0],
+                       "seconds": seconds, "tokens_per_s": tokens_per_step / seconds, "memory_mib": memory_now_mib(device)}
+                if info is not None:
+                    row["achieved"] = info["achieved"]
+                self.history.append(row)
+                if self.log is not None and main:
+                    append_jsonl(self.log, row)
+                self.events.write(row)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", sparsity=f"{sparsity:.3f}")
+                bar.update(1)
+                if s.checkpoint_every and (self.step % s.checkpoint_every == 0 or self.step == s.steps):
+                    self.save_checkpoint()
+        finally:  # an interrupted run still flushes its events
+            bar.close()
+            self.events.close()
         return self.history
 
 

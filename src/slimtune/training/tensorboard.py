@@ -17,22 +17,22 @@ EVENTS_DIR = "tensorboard"
 
 
 class StepWriter:
-    """A SummaryWriter that takes history rows; a no-op when TensorBoard is missing or not wanted."""
+    """A SummaryWriter that takes history rows; a no-op when TensorBoard is missing or not wanted.
+    The writer (and its events file) is created at the first row, so a Trainer that never runs
+    leaves nothing behind."""
 
     def __init__(self, work_dir: str | Path | None, enabled: bool = True):
+        wanted = enabled and work_dir is not None and importlib.util.find_spec("tensorboard") is not None
+        self._log_dir = str(Path(work_dir) / EVENTS_DIR) if wanted else None
         self._writer = None
-        if enabled and work_dir is not None and importlib.util.find_spec("tensorboard") is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(Path(work_dir) / EVENTS_DIR))
-
-    @property
-    def active(self) -> bool:
-        return self._writer is not None
 
     def write(self, row: dict) -> None:
-        if self._writer is None:
+        if self._log_dir is None:
             return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self._log_dir)
         step = int(row["step"])
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):

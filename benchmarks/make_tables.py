@@ -268,6 +268,31 @@ def sparse_section() -> list[str]:
     return out
 
 
+def crosscheck_section() -> list[str]:
+    d = _load("reference_crosscheck")
+    if not d:
+        return []
+    dense = d["dense"]
+    out = [
+        "### Wanda and SparseGPT against an independent implementation",
+        "",
+        f"`{d['command']}` ({_machine(d)}), reference: {d['reference']}, run in its own environment. Both sides prune every "
+        f"decoder projection of all 30 layers (lm_head dense), layer by layer, from the same calibration ids ({d['calibration']}); "
+        f"both models are evaluated by the same code (dense: wiki {dense['wiki_test_256']:.2f}, news {dense['news_512']:.2f}). "
+        "Mask agreement: share of projection weights that both keep or both prune.",
+        "",
+        "| method | pattern | slimtune wiki / news | llm-compressor wiki / news | sparsity (ours / theirs) | mask agreement | one-shot wall (ours / theirs) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["rows"]:
+        a, b = r["ours"], r["llmcompressor"]
+        out.append(f"| {r['method']} | {r['pattern']} | {a['wiki_test_256']:.2f} / {a['news_512']:.2f} | {b['wiki_test_256']:.2f} / "
+                   f"{b['news_512']:.2f} | {a['sparsity']:.4f} / {b['sparsity']:.4f} | {r['mask_agreement']:.3f} | "
+                   f"{a['oneshot_seconds']:.0f} s / {b['oneshot_seconds']:.0f} s |")
+    out.append("")
+    return out
+
+
 def sparse_size_section() -> list[str]:
     d = _load("sparse_size")
     if not d:
@@ -345,7 +370,7 @@ def qat_section() -> list[str]:
 
 def main() -> None:
     lines = [START, ""]
-    sections = (dense_section, default_run_section, qat_section, sparse_section, sparse_size_section, structured_section, targets_section, quality_section, fidelity_section, memory_section, overhead_section,
+    sections = (dense_section, default_run_section, qat_section, sparse_section, crosscheck_section, sparse_size_section, structured_section, targets_section, quality_section, fidelity_section, memory_section, overhead_section,
                 speed_section, oneshot_section, taylor_memory_section)
     for section in sections:
         lines += section()

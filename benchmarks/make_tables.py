@@ -247,7 +247,8 @@ def sparse_section() -> list[str]:
     out = [
         "### Unstructured and N:M: magnitude, Wanda, SparseGPT, LoRAPrune",
         "",
-        f"`{d['command']}` ({_machine(d)}). Calibration: {d['calibration']}. Recovery: {d['recovery_steps']} LoRA steps of "
+        f"`python benchmarks/oneshot_sparse.py` (rows accumulated over several runs with `--update`; the last was `{d['command']}`; "
+        f"{_machine(d)}). Calibration: {d['calibration']}. Recovery: {d['recovery_steps']} LoRA steps of "
         "2 x 256 tokens with the masks on the merged weight. Sparsity is measured on the saved model over all decoder "
         "projections: `0.5` targets 50% of all decoder parameters (the first 3 and the last layer stay dense by default, "
         "so the pruned layers lose more), while N:M applies n:m inside the 26 pruned layers (26/30 x 0.5 = 0.433 overall). "

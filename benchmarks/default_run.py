@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,7 @@ def main() -> None:
         report = json.loads((out / "report.json").read_text())
         scores = evaluate(str(out))
     variants[args.variant] = {
-        "command": "slimtune prune " + " ".join(args.extra),
+        "command": shlex.join(["slimtune", "prune", *args.extra]),
         "wall_seconds": wall,
         "achieved_sparsity": report["sparsity"]["achieved"],
         "train_peak_memory_mib": report.get("train_memory", {}).get("peak_delta_mb"),

@@ -113,8 +113,8 @@ def main() -> None:
                 del ours, ref
     if args.no_write:
         return
-    version = subprocess.run([args.reference_python, "-c", "import llmcompressor; print(llmcompressor.__version__)"],
-                             capture_output=True, text=True).stdout.strip()
+    version = subprocess.run([args.reference_python, "-c", "from importlib.metadata import version; print(version('llmcompressor'))"],
+                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
     write("reference_crosscheck", {"dense": _evaluate(dense, wiki, news), "rows": rows,
                                    "reference": f"llmcompressor {version}",
                                    "calibration": f"{args.calib_batches * BATCH} x 256 tokens of the train split, the same ids on both sides",

@@ -81,6 +81,8 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["prune", "--sparsity", "0.5"], "sparsity 0.500 is not reachable with granularity channels"),
         (["prune", "--granularity", "nm", "--nm", "5:4"], "5:4 is invalid"),
         (["prune", "--mixed-precision", "fp16"], "fp16 autocast needs a GPU"),
+        (["prune", "--dtype", "float16"], "--dtype float16 on a CPU has no fast kernels"),
+        (["eval", "--dtype", "float16"], "--dtype float16 on a CPU has no fast kernels"),
         (["prune", "--steps", "x"], "invalid int value"),
         (["prune", "--distill", "--distill-temperature", "0"], "--distill-temperature must be a positive number"),
         (["prune", "--distill", "--distill-mix", "1.5"], "--distill-mix must be in [0, 1]"),
@@ -111,6 +113,19 @@ def test_bad_input_is_one_line(tmp_path, tiny_dir, text_file, capsys, args, mess
     assert line.startswith("slimtune: error:") and message in line, err
     assert "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args", [["prune", "--mixed-precision", "fp16"], ["prune", "--dtype", "float16"], ["eval", "--dtype", "float16"]])
+def test_precision_the_cpu_cannot_run_is_refused_before_the_model_loads(tmp_path, tiny_dir, text_file, capsys, monkeypatch, args):
+    import slimtune.recipe
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the precision check")
+
+    monkeypatch.setattr(slimtune.recipe, "load_model", no_load)
+    extra = ["--out", tmp_path / "o"] if args[0] == "prune" else []
+    code, _, err = _run(capsys, *args, "--model", tiny_dir, "--data", text_file, "--device", "cpu", *extra, *FAST)
+    assert code == 2 and "AssertionError" not in err and err.strip().splitlines()[-1].startswith("slimtune: error:")
 
 
 def test_not_a_causal_lm_and_empty_file(tmp_path, capsys, text_file, tiny_dir):

@@ -30,7 +30,7 @@ from .export import save_model
 from .importance import CRITERIA
 from .io import check_output_dir, check_writable_parent
 from .models import get_arch, load_model
-from .runtime import check_seq_len, pick_device
+from .runtime import check_precision_on, check_seq_len, pick_device
 from .training import distributed
 from .training.loop import LOG
 from .training.tensorboard import EVENTS_DIR
@@ -206,7 +206,9 @@ def _command() -> str:
 
 
 def run_eval(job: EvalJob) -> dict:
-    model, tok = load_model(job.model, dtype=getattr(torch, job.dtype), device=pick_device(job.device))
+    device = pick_device(job.device)
+    check_precision_on(device, job.dtype)
+    model, tok = load_model(job.model, dtype=getattr(torch, job.dtype), device=device)
     check_seq_len(model, job.seq_len)
     tokens = load_tokens(job.data, tok, job.split, job.seq_len, max_sequences=job.eval_windows)
     result = _evaluate(model, tokens, job, job.model, progress=not job.quiet)
@@ -225,7 +227,9 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
         raise SlimtuneError(f"nothing to resume: no checkpoint in {work}; run without --resume")
     config = job.method
     _check_resume(job, work)
-    model, tokenizer = load_model(job.model, dtype=getattr(torch, job.dtype), device=world.device or pick_device(job.device))
+    device = world.device or pick_device(job.device)
+    check_precision_on(device, job.dtype, config.train.mixed_precision)  # before the model is loaded
+    model, tokenizer = load_model(job.model, dtype=getattr(torch, job.dtype), device=device)
     check_config(model, config)  # criterion x granularity x adapters x model shapes: before any work
     if job.export == "gguf":
         from .export.gguf import check_gguf

@@ -19,6 +19,21 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def check_precision_on(device: torch.device, dtype: str, mixed_precision: str = "no") -> None:
+    """Refuse, before the model is loaded, a precision the device cannot run usefully."""
+    if device.type == "cuda":
+        if (mixed_precision == "bf16" or dtype == "bfloat16") and not torch.cuda.is_bf16_supported():
+            raise SlimtuneError("this GPU does not support bf16; use --mixed-precision fp16 or --dtype float16/float32")
+        return
+    if device.type != "cpu":
+        return
+    if mixed_precision == "fp16":
+        raise SlimtuneError("fp16 autocast needs a GPU; use --mixed-precision bf16 or no on CPU")
+    if dtype == "float16":
+        raise SlimtuneError("--dtype float16 on a CPU has no fast kernels (matmuls run tens of times slower than "
+                            "float32) and training it has no loss scaling; use --dtype float32 or bfloat16 on CPU")
+
+
 def check_seq_len(model, seq_len: int) -> None:
     if seq_len < 2:
         raise SlimtuneError(f"--seq-len {seq_len} is too small; use at least 2 (e.g. 256)")

@@ -199,3 +199,14 @@ def test_nothing_trainable_is_an_error():
     model = tiny_model()
     model.requires_grad_(False)
     assert "LoRA" in check_one_line(lambda: WeightAverager(model, AveragingSettings(ema=0.9)))
+
+
+def test_an_ema_longer_than_the_run_is_flagged_with_a_decay_that_fits(capsys):
+    """Bare --ema (0.999) on 48 steps exports almost the first step's adapters (README v8): say so."""
+    WeightAverager(params(), AveragingSettings(ema=DEFAULT_EMA_DECAY), total_steps=48)
+    err = capsys.readouterr().err
+    assert "--ema 0.999 remembers about 1000 steps but the run has 48" in err
+    assert f"keep {0.999 ** 47:.0%}" in err and "--ema 0.9" in err
+    WeightAverager(params(), AveragingSettings(ema=0.9), total_steps=48)  # window 10 <= 24: silent
+    WeightAverager(params(), AveragingSettings(ema=DEFAULT_EMA_DECAY), total_steps=4000)
+    assert capsys.readouterr().err == ""

@@ -71,7 +71,9 @@ def add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "", section: 
             if "const" in f.metadata:  # `--ema` alone means the const, `--ema 0.99` a value
                 kwargs.update(nargs="?", const=f.metadata["const"])
             if "choices" in f.metadata:
-                kwargs["choices"] = f.metadata["choices"]
+                kwargs["choices"] = choices = f.metadata["choices"]
+                if not all(str(c) in help_text for c in choices):  # the metavar hides them otherwise
+                    help_text = (help_text + "; " if help_text else "") + "one of " + ", ".join(map(str, choices))
             if default is not None:
                 help_text += f" (default: {default})"
         parser.add_argument(flag, help=help_text.replace("%", "%%").replace("%%%%", "%%"), **kwargs)

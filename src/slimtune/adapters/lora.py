@@ -12,10 +12,11 @@ PiSSA adapters must be saved with `save.save_initial_adapters` right after `atta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..cli_gen import cli_help
 from ..errors import SlimtuneError
 from ..models.arch import ArchSpec, get_arch
 
@@ -24,11 +25,16 @@ VARIANTS = ("lora", "rslora", "dora", "pissa")
 
 @dataclass
 class LoraSettings:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: list[str] | None = None  # leaf module names; None: all seven projections of the arch spec
-    variant: str = "lora"
+    r: int = field(default=8, metadata=cli_help("LoRA rank"))
+    alpha: float = field(default=16.0, metadata=cli_help("LoRA scale numerator: the update is (alpha/r)·B·A, alpha/sqrt(r) with rslora"))
+    dropout: float = field(default=0.05, metadata=cli_help("dropout on the LoRA input"))
+    targets: list[str] | None = field(  # leaf module names; None: all seven projections of the arch spec
+        default=None, metadata=cli_help("comma-separated Linear names to adapt, e.g. q_proj,v_proj (default: every attention and MLP projection)")
+    )
+    variant: str = field(
+        default="lora",
+        metadata=cli_help("lora, rslora (scale alpha/sqrt(r)), dora (magnitude + direction), pissa (init from the top singular vectors)", choices=VARIANTS),
+    )
 
     def __post_init__(self):
         if self.variant not in VARIANTS:

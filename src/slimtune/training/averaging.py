@@ -31,6 +31,7 @@ s·B·A products; for small steps near the end of training the difference is sec
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -48,7 +49,7 @@ EXPORT_FLAG = "--export-weights"
 
 @dataclass
 class AveragingSettings:
-    ema: float | None = field(default=None, metadata={"const": DEFAULT_EMA_DECAY, "help": f"keep an exponential moving average of the LoRA weights with this decay in [0, 1) (bare flag: {DEFAULT_EMA_DECAY}); memory ≈ 1/(1 - decay) steps"})
+    ema: float | None = field(default=None, metadata={"const": DEFAULT_EMA_DECAY, "help": f"keep an exponential moving average of the LoRA weights with this decay in [0, 1) (bare flag: {DEFAULT_EMA_DECAY}, for runs of thousands of steps); memory ≈ 1/(1 - decay) steps, so short runs want e.g. 0.9"})
     swa: float | None = field(default=None, metadata={"const": DEFAULT_SWA_FRACTION, "help": f"keep the equal-weight mean of the LoRA weights over the last FRACTION of the steps, in (0, 1] (bare flag: {DEFAULT_SWA_FRACTION})"})
     export: str = field(default="last", metadata={"help": "which adapter weights to merge and export", "choices": EXPORT_CHOICES, "flag": EXPORT_FLAG})
 
@@ -83,6 +84,27 @@ def check_export_choice(choice: str, settings: AveragingSettings) -> str:
     if choice == "swa" and settings.swa is None:
         raise SlimtuneError(f"{EXPORT_FLAG} swa needs an SWA average; add --swa [FRACTION] or export the last weights")
     return choice
+
+
+def suggested_ema_decay(total_steps: int) -> float:
+    """A decay whose window 1/(1 - d) is about a fifth of the run (at least 2 steps)."""
+    return round(1.0 - 1.0 / max(2, total_steps // 5), 3)
+
+
+def _warn_long_ema(decay: float, total_steps: int) -> None:
+    """Say so when the EMA's memory outlasts the run: its first snapshot then still dominates."""
+    window = math.inf if decay >= 1.0 else 1.0 / (1.0 - decay)
+    if window <= total_steps / 2:
+        return
+    from . import distributed
+
+    if distributed.is_main():
+        first = decay ** (total_steps - 1)
+        print(
+            f"[slimtune] warning: --ema {decay:g} remembers about {window:.0f} steps but the run has {total_steps}: "
+            f"the first step's adapters keep {first:.0%} of the average; for this run pass e.g. --ema {suggested_ema_decay(total_steps):g}",
+            file=sys.stderr,
+        )
 
 
 def _trainable(params: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,6 +143,8 @@ class WeightAverager:
             if total_steps is None or total_steps < 1:
                 raise ValueError("SWA needs total_steps >= 1 to know where its window starts")
             self.swa_start = total_steps - max(1, math.ceil(settings.swa * total_steps - 1e-9))
+        if settings.ema is not None and total_steps:
+            _warn_long_ema(settings.ema, total_steps)
         self.ema = self._zeros() if settings.ema is not None else None
         self.swa = self._zeros() if settings.swa is not None else None
         self.ema_count = 0

@@ -15,6 +15,7 @@ from tests.conftest import tiny_model
 ROWS = {
     "loraprune": (True, {"keep_elements": True}),
     "grad": (True, {"keep_elements": True}),
+    "mask_fisher": (True, {}),
     "taylor": (False, {}),
     "taylor2": (False, {}),
     "taylor_vector": (False, {}),

@@ -17,6 +17,7 @@ from slimtune.adapters import LoraSettings, attach_lora
 from slimtune.config import LoRAPruneConfig
 from slimtune.errors import SlimtuneError
 from slimtune.importance.loraprune import LoRAPruneImportance
+from slimtune.importance.mask_fisher import MaskFisherImportance
 from slimtune.pruning.pruner import Pruner, PruneSettings
 from slimtune.training import distributed
 from slimtune.training.loop import CHECKPOINT, LOG, Trainer, TrainSettings
@@ -26,31 +27,33 @@ TOKENS = torch.randint(0, 96, (16, 16), generator=torch.Generator().manual_seed(
 STEPS = 6
 
 
-def _config(batch_size: int) -> LoRAPruneConfig:
+def _config(batch_size: int, criterion: str = "loraprune") -> LoRAPruneConfig:
     return LoRAPruneConfig(
+        criterion=criterion,
         prune=PruneSettings(sparsity=0.3, prune_every=2, warmup=0.0, cooldown=0.2, exclude_layers=[0]),
         lora=LoraSettings(r=4, alpha=8, dropout=0.0),  # no dropout: one process and two see the same function
         train=TrainSettings(steps=STEPS, batch_size=batch_size, lr=1e-2, warmup_steps=0, checkpoint_every=2),
     )
 
 
-def _prune(batch_size: int, work_dir) -> dict:
+def _prune(batch_size: int, work_dir, criterion: str = "loraprune") -> dict:
     """prune_ on the tiny Llama; the unit scores each mask update ranked, the masks, the losses."""
     from slimtune.api import prune_
 
     seen = []
-    original = LoRAPruneImportance.unit_scores
+    cls = {"loraprune": LoRAPruneImportance, "mask_fisher": MaskFisherImportance}[criterion]
+    original = cls.unit_scores
 
     def recording(self):
         scores = original(self)
         seen.append(scores)
         return scores
 
-    LoRAPruneImportance.unit_scores = recording
+    cls.unit_scores = recording
     try:
-        result = prune_(tiny_model("llama"), _config(batch_size), TOKENS, work_dir=work_dir, progress=False)
+        result = prune_(tiny_model("llama"), _config(batch_size, criterion), TOKENS, work_dir=work_dir, progress=False)
     finally:
-        LoRAPruneImportance.unit_scores = original
+        cls.unit_scores = original
     return {"scores": seen, "masks": {k: v.clone() for k, v in result.masks.state_dict().items()},
             "losses": [row["loss"] for row in result.history]}
 
@@ -88,6 +91,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     w = distributed.current()
     out["world"] = (w.size, w.rank)
     out["resume"] = _resume_masks(os.path.join(tmp, "resume"))
+    out["mask_fisher"] = _prune(1, None, "mask_fisher")  # activation statistics are all-reduced, not gradients
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -133,6 +137,22 @@ def test_two_ranks_agree_and_match_one_process_with_the_same_global_batch(two_ra
     assert [json.loads(r)["step"] for r in rows] == list(range(1, STEPS + 1))
     assert torch.load(tmp / "work" / CHECKPOINT, weights_only=False)["world_size"] == 2
     assert len(torch.load(tmp / "work" / CHECKPOINT, weights_only=False)["rng"]) == 2
+
+
+def test_mask_fisher_ranks_agree_and_match_one_process(two_ranks):
+    """Each rank sees other activations: the step's gate statistics are summed over ranks before the EMA."""
+    _, (r0, r1) = two_ranks
+    a, b = r0["mask_fisher"], r1["mask_fisher"]
+    assert len(a["scores"]) >= 3 and all(torch.equal(a["masks"][k], b["masks"][k]) for k in a["masks"])
+    for x, y in zip(a["scores"], b["scores"]):
+        for u, v in zip(x, y):
+            assert torch.equal(u["channels"], v["channels"]) and torch.equal(u["heads"], v["heads"])
+    one = _prune(2, None, "mask_fisher")
+    for x, y in zip(one["scores"], a["scores"]):
+        for u, v in zip(x, y):
+            torch.testing.assert_close(u["channels"], v["channels"], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(u["heads"], v["heads"], rtol=1e-4, atol=1e-7)
+    assert all(torch.equal(one["masks"][k], a["masks"][k]) for k in one["masks"])
 
 
 def test_resume_under_two_ranks_equals_uninterrupted(two_ranks):

@@ -87,6 +87,10 @@ def check_config(model: nn.Module, config: MethodConfig) -> None:
     if get_criterion(config.criterion).options.get("metric") == "lora":
         adapted = {(i, p) for i in range(n) for p in spec.projections() if p.rsplit(".", 1)[-1] in targets}
         check_adapter_coverage(spec, adapted, s.units, prunable)
+    if config.criterion == "mask_fisher" and config.uses_lora:
+        from .importance.mask_fisher import check_gate_reach
+
+        check_gate_reach(spec, n, lambda i, paths: any(p.rsplit(".", 1)[-1] in targets for p in paths), s.units, prunable)
     if not s.weight_level:  # a target the granularity cannot reach: refused now, not when the ramp gets there
         from .pruning.selection import check_reachable
 
@@ -203,6 +207,8 @@ def _finish(model, net, pruner, history, run: _Run, importance=None) -> PruneRes
     info = pruner.finalize()
     masks = pruner.masks
     pruner.remove_gates()
+    if importance is not None:  # the scores are spent; drop the criterion's hooks and state
+        importance.remove()
     weight_level = not hasattr(masks, "per_layer")
     qat = run.qat if run.qat is not None and run.qat.started else None
     shrunk = qat is not None and qat.structured  # QAT shrank the (LoRA-wrapped) model when it started

@@ -17,6 +17,7 @@ from .base import GRANULARITIES, ElementScores, Importance, projection_weights
 from .block_influence import BlockInfluence
 from .loraprune import LoRAPruneImportance
 from .magnitude import MagnitudeImportance
+from .mask_fisher import MaskFisherImportance
 from .random import RandomImportance
 from .registry import CRITERIA, Criterion, get_criterion, make_importance, register
 from .sparsegpt import SparseGPTImportance
@@ -24,6 +25,7 @@ from .taylor import TaylorImportance
 from .wanda import WandaImportance
 
 register("loraprune", LoRAPruneImportance, "LoRA-gradient importance while fine-tuning (LoRAPrune, arXiv 2305.18403)", metric="lora")
+register("mask_fisher", MaskFisherImportance, "Fisher of the head/channel/layer gates from activation gradients while fine-tuning: exact group scores at LoRA memory (arXiv 2204.09656)")
 register("grad", LoRAPruneImportance, "the same loop with the true weight gradient: the memory-hungry reference", metric="grad")
 register("taylor", TaylorImportance, "first-order element-wise Taylor |g·w| (LLM-Pruner, arXiv 2305.11627)", variant="element1")
 register("taylor2", TaylorImportance, "Taylor with the Fisher second-order term", variant="element2")
@@ -44,6 +46,7 @@ __all__ = [
     "ElementScores",
     "Importance",
     "LoRAPruneImportance",
+    "MaskFisherImportance",
     "MagnitudeImportance",
     "RandomImportance",
     "SparseGPTImportance",

@@ -19,7 +19,7 @@ gate inputs until backward and reduce each to a vector at once. Memory: in fp32 
 and outputs are tensors autograd keeps anyway (the norms read them); the o_proj and down_proj
 inputs are too when --lora-dropout is 0 (LoRA's A gradient reads them), and otherwise cost one
 [tokens, H·head_dim + intermediate] activation per layer until backward: activation-sized, never
-weight-sized (SmolLM2-135M, 2 x 256 tokens: training peak 1892 MiB against LoRAPrune's 1818 and
+weight-sized (SmolLM2-135M, 2 x 256 tokens: training peak 1863 MiB against LoRAPrune's 1818 and
 the true weight gradient's 1969). Unlike LoRAPrune's estimate Ĝ (a rank-r view of the weight gradient, loraprune.py), the
 gate gradient is exact: Σ_{d} g·x over a down_proj input channel equals LLM-Pruner's vector-wise
 Σ G ⊙ W over that channel's down_proj column.

@@ -31,7 +31,7 @@ from .data import batch_at
 from .errors import SlimtuneError
 from .evaluate.memory import track_peak_memory
 from .export import shrink_
-from .importance.loraprune import check_adapter_coverage, enable_full_grad
+from .importance.loraprune import enable_full_grad
 from .importance.registry import get_criterion
 from .masking.weights import zero_masked_weights
 from .models.arch import get_arch
@@ -83,14 +83,7 @@ def check_config(model: nn.Module, config: MethodConfig) -> None:
     if config.steps > 0 and config.mode == "progressive":
         Schedule(s.sparsity, config.steps, s.schedule, 0.0, s.warmup, s.cooldown)  # reachable?
     if config.uses_lora:
-        targets = set(lora_targets(model, config.lora))
-    if get_criterion(config.criterion).options.get("metric") == "lora":
-        adapted = {(i, p) for i in range(n) for p in spec.projections() if p.rsplit(".", 1)[-1] in targets}
-        check_adapter_coverage(spec, adapted, s.units, prunable)
-    if config.criterion == "mask_fisher" and config.uses_lora:
-        from .importance.mask_fisher import check_gate_reach
-
-        check_gate_reach(spec, n, lambda i, paths: any(p.rsplit(".", 1)[-1] in targets for p in paths), s.units, prunable)
+        get_criterion(config.criterion).check_targets(spec, n, set(lora_targets(model, config.lora)), s.units, prunable)
     if not s.weight_level:  # a target the granularity cannot reach: refused now, not when the ramp gets there
         from .pruning.selection import check_reachable
 

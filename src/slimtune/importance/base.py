@@ -57,6 +57,11 @@ class Importance:
     def update(self, model: nn.Module, batch: torch.LongTensor) -> None:
         """Accumulate statistics from one batch of token ids [b, L]."""
 
+    @classmethod
+    def check_targets(cls, spec: ArchSpec, num_layers: int, targets: set[str], units: set[str], layers: list[int], options: dict) -> None:
+        """Before the model is wrapped: raise SlimtuneError when the LoRA `targets` (leaf names)
+        leave `units` in the prunable `layers` unscorable. `options` are the registry's."""
+
     def check_coverage(self, units: set[str], layers: list[int]) -> None:
         """Raise SlimtuneError when this instance cannot score `units` in the prunable `layers`."""
 

@@ -155,6 +155,12 @@ class LoRAPruneImportance(Importance):
         self.layer = torch.zeros(len(self.geometry), device=devices[0] if devices else None)
         self.elements: dict[tuple[int, str], torch.Tensor] = {}
 
+    @classmethod
+    def check_targets(cls, spec, num_layers: int, targets: set[str], units: set[str], layers: list[int], options: dict) -> None:
+        if options.get("metric", "lora") == "lora":
+            adapted = {(i, p) for i in range(num_layers) for p in spec.projections() if p.rsplit(".", 1)[-1] in targets}
+            check_adapter_coverage(spec, adapted, units, layers)
+
     def check_coverage(self, units: set[str], layers: list[int]) -> None:
         if self.metric == "lora":
             check_adapter_coverage(self.spec, set(self._lora), units, layers)

@@ -43,7 +43,7 @@ from ..masking.structured import StructuredMasks
 from ..training import distributed
 from ..training.loss import causal_lm_loss
 from .base import Importance
-from .loraprune import all_finite
+from .loraprune import _cpu, all_finite
 
 KINDS = ("heads", "channels", "layers")
 
@@ -83,10 +83,15 @@ class MaskFisherImportance(Importance):
             self._handles.append(layer.get_submodule(self.spec.mlp_out).register_forward_pre_hook(self._gate_input(i, "channels")))
             self._handles.append(layer.register_forward_hook(self._layer_output(i), with_kwargs=True))
 
+    @classmethod
+    def check_targets(cls, spec, num_layers: int, targets: set[str], units: set[str], layers: list[int], options: dict) -> None:
+        check_gate_reach(spec, num_layers, lambda i, paths: any(p.rsplit(".", 1)[-1] in targets for p in paths), units, layers)
+
     def check_coverage(self, units: set[str], layers: list[int]) -> None:
+        decoder = self.spec.decoder_layers(self.model)
+
         def trains(i: int, paths) -> bool:
-            layer = self.spec.decoder_layers(self.model)[i]
-            return any(p.requires_grad for path in paths for p in layer.get_submodule(path).parameters())
+            return any(p.requires_grad for path in paths for p in decoder[i].get_submodule(path).parameters())
 
         embed = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         upstream = embed is not None and any(p.requires_grad for p in embed.parameters())
@@ -144,7 +149,7 @@ class MaskFisherImportance(Importance):
             raise RuntimeError("mask_fisher saw no gradients; call observe() after loss.backward(), with the hooks in place")
         step, self._step, self._seen = self._step, self._zeros(), False
         new = [*step["heads"], *step["channels"], step["layers"]]
-        _all_reduce_(new)
+        distributed.current().sum_(new)  # every rank saw other sequences
         if not all_finite(new):  # the one host sync of the step
             self.skipped += 1
             return False
@@ -171,17 +176,17 @@ class MaskFisherImportance(Importance):
 
     # ---- results ------------------------------------------------------------------------------
     def unit_scores(self) -> list[dict]:
-        layer = self.layer.detach().cpu()
-        return [{"heads": h.detach().cpu(), "channels": c.detach().cpu(), "layer": float(layer[i])}
+        layer = _cpu(self.layer)
+        return [{"heads": _cpu(h), "channels": _cpu(c), "layer": float(layer[i])}
                 for i, (h, c) in enumerate(zip(self.heads, self.channels))]
 
     def layer_scores(self) -> torch.Tensor:
-        return self.layer.detach().cpu()
+        return _cpu(self.layer)
 
     def state_dict(self) -> dict:
         return {"criterion": self.name, "steps": self.steps, "skipped": self.skipped,
-                "heads": [h.detach().cpu() for h in self.heads], "channels": [c.detach().cpu() for c in self.channels],
-                "layer": self.layer.detach().cpu()}
+                "heads": [_cpu(h) for h in self.heads], "channels": [_cpu(c) for c in self.channels],
+                "layer": _cpu(self.layer)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("criterion") != self.name or len(state["heads"]) != len(self.heads):
@@ -213,16 +218,3 @@ def check_gate_reach(spec, num_layers: int, trains, units: set[str], layers: lis
                 )
         upstream = reach["layers"]
 
-
-def _all_reduce_(tensors: list[torch.Tensor]) -> None:
-    """Sum `tensors` in place over the ranks of a distributed run (no-op for one process)."""
-    world = distributed.current()
-    if not world.enabled:
-        return
-    comm = world._comm
-    flat = torch.cat([t.reshape(-1).to(comm) for t in tensors])
-    torch.distributed.all_reduce(flat)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()

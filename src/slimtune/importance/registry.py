@@ -41,6 +41,10 @@ class Criterion:
     def build(self, model, **overrides) -> Importance:
         return self.cls(model, **{**self.options, **overrides})
 
+    def check_targets(self, spec, num_layers: int, targets: set[str], units: set[str], layers: list[int]) -> None:
+        """What the LoRA targets leave unscorable, before any adapter is attached (see Importance)."""
+        self.cls.check_targets(spec, num_layers, targets, units, layers, self.options)
+
     def check_units(self, units: Iterable[str]) -> None:
         """Refuse granularities this criterion cannot score (one line, before any work)."""
         missing = [u for u in GRANULARITIES if u in set(units) and u not in self.scores]

@@ -93,7 +93,7 @@ def suggested_ema_decay(total_steps: int) -> float:
 
 def _warn_long_ema(decay: float, total_steps: int) -> None:
     """Say so when the EMA's memory outlasts the run: its first snapshot then still dominates."""
-    window = math.inf if decay >= 1.0 else 1.0 / (1.0 - decay)
+    window = 1.0 / (1.0 - decay)  # decay < 1: AveragingSettings checked it
     if window <= total_steps / 2:
         return
     from . import distributed

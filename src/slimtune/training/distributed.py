@@ -121,6 +121,18 @@ class World:
         return values[: len(extras)]
 
     @torch.no_grad()
+    def sum_(self, tensors) -> None:
+        """Replace `tensors` (in place) by their sum over all ranks, with one all-reduce."""
+        if not self.enabled:
+            return
+        flat = torch.cat([t.detach().reshape(-1).to(self._comm) for t in tensors])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    @torch.no_grad()
     def broadcast_(self, tensors) -> None:
         """Overwrite `tensors` (in place) with rank 0's values."""
         if not self.enabled:

@@ -46,17 +46,17 @@ def news_windows(tokenizer, seq_len: int, count: int = WINDOWS) -> torch.Tensor:
     return news[torch.linspace(0, news.shape[0] - 1, count).round().long()]
 
 
-def evaluate(path: str) -> dict:
+def evaluate(path: str, windows: int = WINDOWS, device: str = "cpu") -> dict:
     from slimtune.data import load_tokens
     from slimtune.evaluate import perplexity
     from slimtune.models import load_model
 
-    model, tok = load_model(path)
+    model, tok = load_model(path, device=device)
     out = {}
     for seq_len in (256, 512):
-        tokens = load_tokens("wiki", tok, "test", seq_len, max_sequences=WINDOWS)
+        tokens = load_tokens("wiki", tok, "test", seq_len, max_sequences=windows)
         out[f"wiki_test_{seq_len}"] = perplexity(model, tokens)["perplexity"]
-    out["news_512"] = perplexity(model, news_windows(tok, 512))["perplexity"]
+    out["news_512"] = perplexity(model, news_windows(tok, 512, windows))["perplexity"]
     return out
 
 

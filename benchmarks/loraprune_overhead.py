@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     ap.add_argument("--name", default="loraprune_overhead", help="results file name (benchmarks/results/NAME.json)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (slimtune prune --compile) for both variants")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each variant first (more with --compile: it compiles then)")
     args = ap.parse_args()
     from slimtune.adapters import LoraSettings, attach_lora
     from slimtune.data import load_tokens
@@ -58,18 +60,35 @@ def main() -> None:
     plain = Trainer(net, tokens, settings)
     pruning = Trainer(net, tokens, settings, imp, pruner)
     pruning.opt, pruning.sched = plain.opt, plain.sched  # one optimiser: only the pruning work differs
+    if args.compile:
+        from slimtune.training.compile import compile_layers
+
+        compile_layers(net)
     times = {"lora": [], "loraprune": []}
-    plain.train_step()  # warm-up
+
+    def one_step(name: str, trainer: Trainer, step: int) -> None:
+        trainer.step = step
+        if name == "lora":  # a plain LoRA step: the pruner's gates off, as in a run without pruning
+            with pruner.gates.paused():
+                trainer.train_step()
+        else:
+            trainer.train_step()
+            pruner.step(step + 1)
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        one_step("lora", plain, 0)
+        one_step("loraprune", pruning, 0)
+    sync()
+    warmup_seconds = time.perf_counter() - t0
+    print(f"warm-up: {warmup_seconds:.1f} s", flush=True)
     step = 0
     for _ in range(args.rounds):
         for name, trainer in (("lora", plain), ("loraprune", pruning)):
             for _ in range(args.steps):
-                trainer.step = step
                 sync()
                 t0 = time.perf_counter()
-                trainer.train_step()
-                if name == "loraprune":
-                    pruner.step(step + 1)
+                one_step(name, trainer, step)
                 sync()
                 times[name].append(time.perf_counter() - t0)
                 step += 1
@@ -80,7 +99,9 @@ def main() -> None:
         "setup": {"batch_size": args.batch_size, "seq_len": args.seq_len, "steps_per_block": args.steps, "rounds": args.rounds,
                   "prune_every": 10, "lora": "r8 alpha16 all 7 projections", "device": str(device),
                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  "mixed_precision": args.mixed_precision},
+                  "mixed_precision": args.mixed_precision, "compile": args.compile, "warmup_steps_each": args.warmup,
+                  "lora_step": "the pruner's gates paused: a plain LoRA step"},
+        "warmup_seconds": warmup_seconds,
         "train_tokens_per_second": {k: tokens_per_step / median(v) for k, v in times.items()},
         "step_seconds": times,
         "median_step_seconds": {k: median(v) for k, v in times.items()},

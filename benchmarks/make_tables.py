@@ -369,9 +369,70 @@ def qat_section() -> list[str]:
     return out
 
 
+def _gpu(d: dict) -> str:
+    m = d["machine"]
+    name = d.get("device_name") or d.get("setup", {}).get("device_name") or d.get("device")
+    return f"{name}, torch {m.get('torch')}, transformers {m.get('transformers')}; {d['date'][:10]}"
+
+
+def gpu_section() -> list[str]:
+    steps = [d for d in (_load(n) for n in ("loraprune_overhead_gpu_bf16", "loraprune_overhead_gpu_bf16_compile", "loraprune_overhead_gpu_fp32")) if d]
+    std, sp24 = _load("standard_preset_gpu"), _load("sparse24_speed")
+    if not (steps or std or sp24):
+        return []
+    out = ["### On a GPU", ""]
+    if steps:
+        out += [
+            "Step time, each variant alone on the GPU, device synchronised around every timed step, medians "
+            "(`benchmarks/loraprune_overhead.py`; the plain LoRA step runs with the pruner's gates paused). "
+            f"{_gpu(steps[0])}.",
+            "",
+            "| command | precision | compile | plain LoRA step | LoRAPrune step | ratio (target <= 1.15) | train tokens/s (LoRA / LoRAPrune) | warm-up |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for d in steps:
+            m, t, st = d["median_step_seconds"], d["train_tokens_per_second"], d["setup"]
+            out.append(f"| `{d['command']}` | {st['mixed_precision']} | {'yes' if st.get('compile') else 'no'} | {m['lora'] * 1e3:.0f} ms | "
+                       f"{m['loraprune'] * 1e3:.0f} ms | {d['ratio_loraprune_over_lora']:.3f} | {t['lora']:,.0f} / {t['loraprune']:,.0f} | "
+                       f"{_f(d.get('warmup_seconds'), '{:.0f} s')} |")
+        out.append("")
+    if std:
+        dense = std["dense"]
+        out += [
+            f"Standard preset (200 steps of 8 x 512 tokens, bf16, channels at 20%), `{std['command']}`: the runs side by side on one "
+            f"{std['device_name']}, so wall times are those of a shared GPU; each saved model on {std['windows']} windows per set.",
+            "",
+            "| variant | options | wall (shared GPU) | wiki 256 | wiki 512 | news 512 | x dense (512 / news) |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            f"| dense | | | {dense['wiki_test_256']:.2f} | {dense['wiki_test_512']:.2f} | {dense['news_512']:.2f} | 1.00 / 1.00 |",
+        ]
+        for name, v in std["variants"].items():
+            opts = v["command"].replace("slimtune prune", "").strip()
+            if "perplexity" not in v:
+                out.append(f"| {name} | `{opts}` | {v.get('failed')} | | | | |")
+                continue
+            p, r = v["perplexity"], v["vs_dense"]
+            out.append(f"| {name} | `{opts}` | {_f(v.get('wall_seconds_shared_gpu'), '{:.0f} s')} | {p['wiki_test_256']:.1f} | "
+                       f"{p['wiki_test_512']:.1f} | {p['news_512']:.1f} | {r['wiki_test_512']:.2f} / {r['news_512']:.2f} |")
+        out.append("")
+    if sp24:
+        out += [
+            f"2:4 semi-structured kernels (`{sp24['command']}`, {sp24['device']}, {sp24['dtype']}, {sp24['converted']} projections converted; "
+            "medians of repeated runs): every decoder projection's `F.linear` and the whole prefill, dense against sparse.",
+            "",
+            "| tokens | projections dense | projections 2:4 | speed-up | prefill dense | prefill 2:4 | speed-up |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in sp24["rows"]:
+            out.append(f"| {r['tokens']} | {r['linears_dense_ms']:.2f} ms | {r['linears_sparse_ms']:.2f} ms | {r['linears_speedup']:.2f}x | "
+                       f"{r['prefill_dense_ms']:.2f} ms | {r['prefill_sparse_ms']:.2f} ms | {r['prefill_speedup']:.2f}x |")
+        out.append("")
+    return out
+
+
 def main() -> None:
     lines = [START, ""]
-    sections = (dense_section, default_run_section, qat_section, sparse_section, crosscheck_section, sparse_size_section, structured_section, targets_section, quality_section, fidelity_section, memory_section, overhead_section,
+    sections = (dense_section, default_run_section, gpu_section, qat_section, sparse_section, crosscheck_section, sparse_size_section, structured_section, targets_section, quality_section, fidelity_section, memory_section, overhead_section,
                 speed_section, oneshot_section, taylor_memory_section)
     for section in sections:
         lines += section()

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 import slimtune  # noqa: F401  (registers slim model types)
@@ -299,3 +300,36 @@ def test_fresh_python_without_slimtune_loads_the_tokenizer_and_the_remote_code_m
     run = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "320"
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Counts device-to-host reads (`.item()`, `bool(tensor)`): each one is a sync on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_gates_never_read_the_masks_on_the_host(tokens):
+    model = tiny_model("llama")
+    masks = _mask(model, heads="q", channels=5, layers=(1,))
+    attach_gates(model, masks)
+    with torch.no_grad(), _ScalarReads() as reads:
+        first = model(tokens).logits
+        assert reads.count == 0, f"{reads.count} host reads (device syncs on a GPU) in one masked forward"
+        # what the masks say now is what the forward computes
+        masks.set(1, layer=1.0)
+        reopened = model(tokens).logits
+        assert not torch.equal(reopened, first)
+        masks.set(1, layer=0.0)
+        torch.testing.assert_close(model(tokens).logits, first, rtol=0, atol=0)
+        masks.set(2, channels=torch.zeros(INTERMEDIATE))
+        closed = model(tokens).logits
+        assert not torch.equal(closed, first)
+        masks.to(torch.float64)
+        torch.testing.assert_close(model(tokens).logits, closed, rtol=1e-6, atol=1e-6)

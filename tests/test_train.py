@@ -55,6 +55,22 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [h["loss"] for h in full.history] == pytest.approx([h["loss"] for h in resumed.history], rel=1e-5)
 
 
+def test_a_gpu_checkpoint_resumes_on_a_cpu(tmp_path):
+    """On CUDA the optimiser is AdamW's fused kernel; the option travels in the checkpoint and must
+    not follow it onto a device without that kernel."""
+    _, _, _, first = _setup(tmp=tmp_path)
+    first.s.steps = 2
+    first.run(progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = True  # as a run on a GPU saves it
+    torch.save(state, tmp_path / "checkpoint.pt")
+    _, _, _, resumed = _setup(tmp=tmp_path)
+    assert resumed.load_checkpoint()
+    assert all(not group["fused"] for group in resumed.opt.param_groups)
+    resumed.train_step()
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     model, _, _, trainer = _setup(tmp=tmp_path)
     trainer.s.steps = 2

@@ -35,6 +35,7 @@ from ..io import atomic_write_bytes
 from ..models.arch import unwrap
 from . import distributed
 from .averaging import AveragingSettings, WeightAverager
+from .compile import compile_layers
 from .distill import DistillSettings, dense_teacher, distill_loss
 from .loss import causal_lm_loss
 from .lr_rule import RULES, global_batch, scaled_lr
@@ -67,6 +68,7 @@ class TrainSettings:
     seed: int = field(default=0, metadata=cli_help("seed of LoRA init, dropout and batch order"))
     gradient_checkpointing: bool = field(default=False, metadata=cli_help("recompute activations in backward to save memory"))
     mixed_precision: str = field(default="no", metadata=cli_help("autocast dtype", choices=("no", "bf16", "fp16")))
+    compile: bool = field(default=False, metadata=cli_help("torch.compile each decoder layer for training (pays on a GPU, where kernel launches dominate; the first steps compile)"))
     checkpoint_every: int = field(default=10, metadata=cli_help("optimiser steps between resumable checkpoints (0 = none)"))
 
     def global_batch(self, devices: int = 1) -> int:
@@ -150,7 +152,7 @@ class Trainer:
         if not self.params:
             raise SlimtuneError("nothing to train: no parameter requires grad (were LoRA adapters attached?)")
         self.lr = settings.effective_lr(self.world.size if devices is None else devices)
-        self.opt = torch.optim.AdamW(list(self.params.values()), lr=self.lr, weight_decay=settings.weight_decay)
+        self.opt = self._adamw(list(self.params.values()))
         self.sched = lr_scheduler(self.opt, settings)
         self.step = 0
         self.history: list[dict] = []
@@ -170,6 +172,14 @@ class Trainer:
             base.config.use_cache = False
         if self.world.enabled:
             self._join()
+
+    def _fused(self) -> bool | None:
+        """AdamW's fused CUDA kernel (one launch for all adapters instead of several per tensor) where
+        the weights are on a GPU; torch's default elsewhere."""
+        return True if next(self.model.parameters()).device.type == "cuda" else None
+
+    def _adamw(self, groups) -> torch.optim.AdamW:
+        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.s.weight_decay, fused=self._fused())
 
     def _join(self) -> None:
         """Start every rank alike: rank 0's adapter weights and masks (one-shot masks were computed on
@@ -203,7 +213,7 @@ class Trainer:
         quantiser step sizes), its LR schedule continued at the current step; parameters that stay
         keep their AdamW state."""
         old = self.opt
-        self.opt = torch.optim.AdamW([{"params": list(self.params.values())}, *extra_groups], lr=self.lr, weight_decay=self.s.weight_decay)
+        self.opt = self._adamw([{"params": list(self.params.values())}, *extra_groups])
         for p in self.opt.param_groups[0]["params"]:
             if p in old.state:
                 self.opt.state[p] = old.state[p]
@@ -265,6 +275,8 @@ class Trainer:
             for n, t in state["trainable"].items():
                 params[n].copy_(t)
         self.opt.load_state_dict(state["optimizer"])
+        for group in self.opt.param_groups:  # loading takes the saved options too: a GPU checkpoint resumed on a CPU
+            group["fused"] = self._fused()
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.averager is not None:
@@ -350,6 +362,7 @@ class Trainer:
         bar = tqdm(total=s.steps, initial=self.step, desc="prune+finetune", disable=not (progress and main), dynamic_ncols=True)
         tokens_per_step = s.global_batch(self.world.size) * self.tokens.shape[1]
         device = next(self.model.parameters()).device
+        eager = compile_layers(self.model) if s.compile else None
         try:
             while self.step < s.steps:
                 if self.quant is not None:
@@ -376,6 +389,8 @@ class Trainer:
         finally:  # an interrupted run still flushes its events
             bar.close()
             self.events.close()
+            if eager is not None:
+                eager()
         return self.history
 
 

@@ -1,0 +1,63 @@
+"""The training step on a GPU: few host syncs, and the same step as on the CPU (issue 9).
+
+Skipped without CUDA (CI has none); benchmarks/gpu_session.sh runs them on a lent GPU machine.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from slimtune.adapters import LoraSettings, attach_lora
+from slimtune.importance.loraprune import LoRAPruneImportance
+from slimtune.pruning.pruner import Pruner, PruneSettings
+from slimtune.training.loop import Trainer, TrainSettings
+from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+TOKENS = torch.randint(0, 96, (16, 32), generator=torch.Generator().manual_seed(7))
+
+
+def _trainer(device: str, mixed_precision: str = "no"):
+    torch.manual_seed(0)
+    model = attach_lora(tiny_model("llama").to(device), LoraSettings(r=4, alpha=8))
+    imp = LoRAPruneImportance(model)
+    pruner = Pruner(model, PruneSettings(sparsity=0.2, granularity="heads,channels", prune_every=3, warmup=0.0, cooldown=0.0), imp, total_steps=12)
+    trainer = Trainer(model, TOKENS, TrainSettings(steps=12, batch_size=2, grad_accum=2, warmup_steps=0, checkpoint_every=0,
+                                                   mixed_precision=mixed_precision), imp, pruner)
+    return trainer, pruner
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_a_loraprune_step_syncs_with_the_host_a_few_times_not_per_layer(mixed_precision):
+    trainer, pruner = _trainer("cuda", mixed_precision)
+    for _ in range(4):  # warm-up, with a mask update at step 3: the gates are closed somewhere
+        trainer.train_step()
+        pruner.step(trainer.step)
+    assert float(pruner.current) > 0
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step()  # two micro-batches, no mask update
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    # reading the loss, the importance's finite check, and transformers' packed-sequence check once per forward
+    assert len(syncs) <= 4, f"{len(syncs)} host syncs in one step: {syncs}"
+
+
+def test_the_cuda_step_computes_the_cpu_step():
+    losses = {}
+    for device in ("cpu", "cuda"):
+        trainer, pruner = _trainer(device)
+        out = []
+        for _ in range(6):
+            out.append(trainer.train_step()["loss"])
+            pruner.step(trainer.step)
+        losses[device] = out
+    torch.testing.assert_close(losses["cuda"], losses["cpu"], rtol=1e-3, atol=1e-4)

@@ -369,6 +369,10 @@ def qat_section() -> list[str]:
     return out
 
 
+COMMON_STANDARD = "--preset standard --mixed-precision bf16 --no-eval --quiet"
+STANDARD_ORDER = ["loraprune", "loraprune_distill", "taylor", "grad", "mask_fisher"]
+
+
 def _gpu(d: dict) -> str:
     m = d["machine"]
     name = d.get("device_name") or d.get("setup", {}).get("device_name") or d.get("device")
@@ -399,15 +403,16 @@ def gpu_section() -> list[str]:
     if std:
         dense = std["dense"]
         out += [
-            f"Standard preset (200 steps of 8 x 512 tokens, bf16, channels at 20%), `{std['command']}`: the runs side by side on one "
-            f"{std['device_name']}, so wall times are those of a shared GPU; each saved model on {std['windows']} windows per set.",
+            f"Standard preset (200 steps of 8 x 512 tokens, bf16, channels at 20%), `{std['command']}`: every row is `slimtune prune "
+            f"{COMMON_STANDARD}` plus its options, the runs side by side on one {std['device_name']}, so wall times are those of a shared GPU; "
+            f"each saved model on {std['windows']} windows per set (Wikipedia test split, and the news corpus never trained on).",
             "",
             "| variant | options | wall (shared GPU) | wiki 256 | wiki 512 | news 512 | x dense (512 / news) |",
             "|---|---|---:|---:|---:|---:|---:|",
             f"| dense | | | {dense['wiki_test_256']:.2f} | {dense['wiki_test_512']:.2f} | {dense['news_512']:.2f} | 1.00 / 1.00 |",
         ]
-        for name, v in std["variants"].items():
-            opts = v["command"].replace("slimtune prune", "").strip()
+        for name, v in sorted(std["variants"].items(), key=lambda kv: STANDARD_ORDER.index(kv[0]) if kv[0] in STANDARD_ORDER else 99):
+            opts = v["command"].replace("slimtune prune", "").replace(COMMON_STANDARD, "").strip() or "(LoRAPrune, the default)"
             if "perplexity" not in v:
                 out.append(f"| {name} | `{opts}` | {v.get('failed')} | | | | |")
                 continue

@@ -46,9 +46,11 @@ def test_a_loraprune_step_syncs_with_the_host_a_few_times_not_per_layer(mixed_pr
             trainer.train_step()  # two micro-batches, no mask update
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-    # reading the loss, the importance's finite check, and transformers' packed-sequence check once per forward
-    assert len(syncs) <= 4, f"{len(syncs)} host syncs in one step: {syncs}"
+    syncs = [str(w.message).splitlines()[0] for w in caught if "called a synchronizing" in str(w.message)]
+    # per step: reading the loss and the importance's finite check; per micro-batch: copying the batch
+    # to the GPU and transformers' packed-sequence check. Not per layer (the gates: 90 per forward before).
+    micro = trainer.s.grad_accum
+    assert len(syncs) <= 2 + 2 * micro, f"{len(syncs)} host syncs in one step of {micro} micro-batches: {syncs}"
 
 
 def test_the_cuda_step_computes_the_cpu_step():
@@ -61,3 +63,14 @@ def test_the_cuda_step_computes_the_cpu_step():
             pruner.step(trainer.step)
         losses[device] = out
     torch.testing.assert_close(losses["cuda"], losses["cpu"], rtol=1e-3, atol=1e-4)
+
+
+def test_the_reported_training_peak_covers_every_step():
+    """Per-step memory rows must not reset the allocator's peak that the run's report reads."""
+    from slimtune.evaluate.memory import track_peak_memory
+
+    trainer, _ = _trainer("cuda")
+    trainer.s.steps = 3
+    with track_peak_memory("cuda") as memory:
+        history = trainer.run(progress=False)
+    assert memory["peak_allocated_mb"] >= max(row["memory_mib"] for row in history) > memory["baseline_allocated_mb"]

@@ -8,11 +8,15 @@ only flatten the attention pattern, not remove the head's output.
 
 The hooks never read a mask on the host: a gate of ones multiplies exactly, and the layer gate
 selects with `torch.where`. Reading gates to skip that work cost three device-to-host syncs per
-decoder layer per forward on a GPU, each of which drains the queue of kernels behind it, and it kept
-`torch.compile` from tracing a layer in one graph.
+decoder layer per forward on a GPU, each of which drains the queue of kernels behind it. Nor do
+they copy the masks (kept on the CPU) to the GPU in every forward: `_OnDevice` keeps each gate's
+device copy until its mask changes. Write masks in place (`set`, `copy_`) or replace the buffer;
+a write through `.data` bypasses the version counter and would go unseen.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -49,32 +53,53 @@ def attach_gates(model: nn.Module, masks: StructuredMasks) -> GateHandles:
 
 
 def _input_gate(masks: StructuredMasks, kind: str, i: int, repeat: int, state: GateHandles):
+    here = _OnDevice()
+
     @torch.compiler.disable  # eager under --compile: traced, the layer index `i` would recompile every layer
     def hook(module, args):
         if not state.enabled:
             return None
         x = args[0]
-        gate = getattr(masks, f"{kind}_{i}")
-        if repeat > 1:
-            gate = gate.repeat_interleave(repeat)  # [H] -> [H * head_dim]
-        return (x * gate.to(dtype=x.dtype, device=x.device), *args[1:])  # x * 1 is exactly x
+        return (x * here.get(getattr(masks, f"{kind}_{i}"), x, repeat), *args[1:])  # x * 1 is exactly x
 
     return hook
 
 
 def _layer_gate(masks: StructuredMasks, i: int, state: GateHandles):
+    here = _OnDevice()
+
     @torch.compiler.disable
     def hook(module, args, kwargs, output):
         if not state.enabled:
             return None
         x = args[0] if args else kwargs["hidden_states"]
         out = output[0] if isinstance(output, tuple) else output
-        gate = masks.layer(i).to(dtype=x.dtype, device=x.device)
+        gate = here.get(masks.layer(i), x)
         # exactly `out` at 1 and exactly `x` at 0 (also when `out` is not finite), the blend between
         gated = torch.where(gate == 1, out, torch.where(gate == 0, x, x + gate * (out - x)))
         return (gated, *output[1:]) if isinstance(output, tuple) else gated
 
     return hook
+
+
+class _OnDevice:
+    """A gate as the activations need it (their device and dtype, head gates repeated over head_dim),
+    made again only when the mask changed: the masks live on the CPU, and copying one to a GPU in
+    every forward is a synchronising host-to-device copy per gate, three per decoder layer. A change
+    is seen by the tensor's identity (a buffer replaced, e.g. by `.to()`) and its version counter
+    (any in-place write, e.g. `StructuredMasks.set` or `load_state_dict`). Reading either never
+    touches the device."""
+
+    def __init__(self):
+        self._source, self._version, self._key, self._gate = None, -1, None, None
+
+    def get(self, mask: torch.Tensor, like: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        key = (like.device, like.dtype, repeat)
+        if self._source is None or self._source() is not mask or self._version != mask._version or self._key != key:
+            gate = mask.repeat_interleave(repeat) if repeat > 1 else mask  # [H] -> [H * head_dim]
+            self._gate = gate.to(device=like.device, dtype=like.dtype, copy=True)  # a copy: never aliases the mask
+            self._source, self._version, self._key = weakref.ref(mask), mask._version, key
+        return self._gate
 
 
 @torch.no_grad()

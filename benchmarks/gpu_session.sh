@@ -4,7 +4,8 @@
 #
 #     source .device/on-device.sh; bash benchmarks/gpu_session.sh
 #
-# First, alone on the GPU (timed): the LoRAPrune-vs-LoRA step in bf16, eager and with --compile,
+# First, alone on the GPU (timed): the LoRAPrune-vs-LoRA step in bf16, eager (importance one
+# projection at a time, then stacked across layers) and with --compile,
 # and the 2:4 sparse-kernel speed. Then, side by side (untimed): the CUDA tests and the
 # standard-preset comparison (benchmarks/standard_preset.py). Everything must end inside one call
 # of the device tool (10 minutes), so each step gets what is left of GPU_BUDGET_S (default 540 s).
@@ -35,9 +36,11 @@ step() {  # name, time limit (s), command...
 
 step overhead_bf16 110 python3 benchmarks/loraprune_overhead.py --device cuda --mixed-precision bf16 --batch-size 4 --seq-len 512 \
     --steps 10 --rounds 3 --warmup 2 --name loraprune_overhead_gpu_bf16
+step overhead_bf16_stacked 90 python3 benchmarks/loraprune_overhead.py --device cuda --mixed-precision bf16 --batch-size 4 --seq-len 512 \
+    --steps 10 --rounds 3 --warmup 2 --stack-mib 64 --name loraprune_overhead_gpu_bf16_stacked
 step overhead_bf16_compile 150 python3 benchmarks/loraprune_overhead.py --device cuda --mixed-precision bf16 --batch-size 4 --seq-len 512 \
     --steps 8 --rounds 2 --warmup 3 --compile --name loraprune_overhead_gpu_bf16_compile
-step sparse24_speed 60 python3 benchmarks/sparse24_speed.py --dtype float16
+step sparse24_speed 110 python3 benchmarks/sparse24_speed.py --dtype float16 --backend auto cutlass
 
 # untimed: the CUDA tests next to the standard-preset runs
 ( step cuda_tests 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_step.py \

@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     ap.add_argument("--name", default="loraprune_overhead", help="results file name (benchmarks/results/NAME.json)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (slimtune prune --compile) for both variants")
+    ap.add_argument("--stack-mib", type=float, default=0.0, help="LoRAPruneImportance(stack_mib=...): score the same projection of many layers as one stacked computation")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each variant first (more with --compile: it compiles then)")
     args = ap.parse_args()
     from slimtune.adapters import LoraSettings, attach_lora
@@ -49,7 +50,7 @@ def main() -> None:
     tokens = load_tokens("wiki", tok, "train", args.seq_len)
     net = attach_lora(model, LoraSettings())
     total = 2 * args.rounds * args.steps
-    imp = LoRAPruneImportance(net)
+    imp = LoRAPruneImportance(net, stack_mib=args.stack_mib)
     pruner = Pruner(net, PruneSettings(sparsity=0.5, prune_every=10, warmup=0.0, cooldown=0.0), imp, total_steps=total)
     settings = TrainSettings(steps=total, batch_size=args.batch_size, checkpoint_every=0, mixed_precision=args.mixed_precision)
 
@@ -99,7 +100,7 @@ def main() -> None:
         "setup": {"batch_size": args.batch_size, "seq_len": args.seq_len, "steps_per_block": args.steps, "rounds": args.rounds,
                   "prune_every": 10, "lora": "r8 alpha16 all 7 projections", "device": str(device),
                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  "mixed_precision": args.mixed_precision, "compile": args.compile, "warmup_steps_each": args.warmup,
+                  "mixed_precision": args.mixed_precision, "compile": args.compile, "stack_mib": args.stack_mib, "warmup_steps_each": args.warmup,
                   "lora_step": "the pruner's gates paused: a plain LoRA step"},
         "warmup_seconds": warmup_seconds,
         "train_tokens_per_second": {k: tokens_per_step / median(v) for k, v in times.items()},

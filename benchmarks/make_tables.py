@@ -380,7 +380,7 @@ def _gpu(d: dict) -> str:
 
 
 def gpu_section() -> list[str]:
-    steps = [d for d in (_load(n) for n in ("loraprune_overhead_gpu_bf16", "loraprune_overhead_gpu_bf16_compile", "loraprune_overhead_gpu_fp32")) if d]
+    steps = [d for d in (_load(n) for n in ("loraprune_overhead_gpu_bf16", "loraprune_overhead_gpu_bf16_stacked", "loraprune_overhead_gpu_bf16_compile", "loraprune_overhead_gpu_fp32")) if d]
     std, sp24 = _load("standard_preset_gpu"), _load("sparse24_speed")
     if not (steps or std or sp24):
         return []
@@ -425,11 +425,15 @@ def gpu_section() -> list[str]:
             f"2:4 semi-structured kernels (`{sp24['command']}`, {sp24['device']}, {sp24['dtype']}, {sp24['converted']} projections converted; "
             "medians of repeated runs): every decoder projection's `F.linear` and the whole prefill, dense against sparse.",
             "",
-            "| tokens | projections dense | projections 2:4 | speed-up | prefill dense | prefill 2:4 | speed-up |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| backend | tokens | projections dense | projections 2:4 | speed-up | prefill dense | prefill 2:4 | speed-up |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in sp24["rows"]:
-            out.append(f"| {r['tokens']} | {r['linears_dense_ms']:.2f} ms | {r['linears_sparse_ms']:.2f} ms | {r['linears_speedup']:.2f}x | "
+            backend = f"{r.get('backend', 'auto')} ({r['tensor']})" if "tensor" in r else r.get("backend", "auto")
+            if "failed" in r:
+                out.append(f"| {backend} | failed: {r['failed']} | | | | | | |")
+                continue
+            out.append(f"| {backend} | {r['tokens']} | {r['linears_dense_ms']:.2f} ms | {r['linears_sparse_ms']:.2f} ms | {r['linears_speedup']:.2f}x | "
                        f"{r['prefill_dense_ms']:.2f} ms | {r['prefill_sparse_ms']:.2f} ms | {r['prefill_speedup']:.2f}x |")
         out.append("")
     return out

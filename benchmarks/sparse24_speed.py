@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     ap.add_argument("--tokens", nargs="+", type=int, default=[512, 2048, 8192])
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--backend", nargs="+", default=["auto", "cutlass"], choices=("auto", "cutlass", "cusparselt"),
+                    help="to_semi_structured_ backends to time, each against the same dense model")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sparse24_speed: needs an NVIDIA GPU (CUDA); nothing measured")
@@ -69,19 +71,26 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     dense, _ = load_model("default", dtype=dtype, device=device)
     prune_layerwise(dense, None, "magnitude", 0.0, nm=(2, 4))
-    sparse = copy.deepcopy(dense)
-    info = to_semi_structured_(sparse)
-    rows = []
-    for tokens in args.tokens:
-        lin_dense = _time_linears(_projections(dense), tokens, args.repeats)
-        lin_sparse = _time_linears(_projections(sparse), tokens, args.repeats)
-        pre_dense = prefill_latency(dense, tokens, repeats=args.repeats, warmup=3)["median_ms"]
-        pre_sparse = prefill_latency(sparse, tokens, repeats=args.repeats, warmup=3)["median_ms"]
-        row = {"tokens": tokens, "linears_dense_ms": lin_dense, "linears_sparse_ms": lin_sparse,
-               "linears_speedup": lin_dense / lin_sparse, "prefill_dense_ms": pre_dense,
-               "prefill_sparse_ms": pre_sparse, "prefill_speedup": pre_dense / pre_sparse}
-        print(row, flush=True)
-        rows.append(row)
+    rows, info = [], {"converted": [], "skipped": []}
+    for backend in args.backend:
+        sparse = copy.deepcopy(dense)
+        try:
+            info = to_semi_structured_(sparse, backend=backend)
+        except (RuntimeError, SlimtuneError) as exc:  # e.g. cuSPARSELt missing from this torch build
+            print(f"backend {backend}: {exc}", flush=True)
+            rows.append({"backend": backend, "failed": str(exc).splitlines()[0]})
+            continue
+        for tokens in args.tokens:
+            lin_dense = _time_linears(_projections(dense), tokens, args.repeats)
+            lin_sparse = _time_linears(_projections(sparse), tokens, args.repeats)
+            pre_dense = prefill_latency(dense, tokens, repeats=args.repeats, warmup=3)["median_ms"]
+            pre_sparse = prefill_latency(sparse, tokens, repeats=args.repeats, warmup=3)["median_ms"]
+            row = {"backend": backend, "tensor": info["backend"], "tokens": tokens, "linears_dense_ms": lin_dense,
+                   "linears_sparse_ms": lin_sparse, "linears_speedup": lin_dense / lin_sparse, "prefill_dense_ms": pre_dense,
+                   "prefill_sparse_ms": pre_sparse, "prefill_speedup": pre_dense / pre_sparse}
+            print(row, flush=True)
+            rows.append(row)
+        del sparse
     write("sparse24_speed", {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "dtype": args.dtype,
                              "repeats": args.repeats, "converted": len(info["converted"]), "skipped": info["skipped"],
                              "rows": rows})

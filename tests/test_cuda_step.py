@@ -74,3 +74,17 @@ def test_the_reported_training_peak_covers_every_step():
     with track_peak_memory("cuda") as memory:
         history = trainer.run(progress=False)
     assert memory["peak_allocated_mb"] >= max(row["memory_mib"] for row in history) > memory["baseline_allocated_mb"]
+
+
+def test_stacked_importance_on_cuda_equals_one_projection_at_a_time():
+    trainer, _ = _trainer("cuda")
+    trainer.train_step()  # leaves no gradients: take them again
+    model = trainer.model
+    tokens = TOKENS[:2].cuda()
+    model.zero_grad(set_to_none=True)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    per_key, stacked = LoRAPruneImportance(model), LoRAPruneImportance(model, stack_mib=64)
+    assert per_key.observe(model) and stacked.observe(model)
+    for a, b in zip(stacked.unit_scores(), per_key.unit_scores()):
+        torch.testing.assert_close(a["heads"], b["heads"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a["channels"], b["channels"], rtol=1e-5, atol=1e-7)

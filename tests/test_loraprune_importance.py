@@ -244,3 +244,35 @@ def test_observe_reads_back_to_the_host_once_per_step(monkeypatch, keep_elements
         assert reads == ["__bool__"]
     monkeypatch.undo()
     assert all(s["heads"].device.type == "cpu" and s["heads"].sum() > 0 for s in imp.unit_scores())
+
+
+@pytest.mark.parametrize("metric,power", [("lora", 1), ("lora", 2), ("grad", 1), ("magnitude", 1)])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "opt"])
+def test_stacked_scores_equal_one_projection_at_a_time(metric, power, family):
+    """The GPU path scores the same projection of many layers as one stacked computation; it must
+    give what one projection at a time gives, also when a group is split into several stacks."""
+    torch.manual_seed(0)
+    model = attach_lora(tiny_model(family), LoraSettings(r=4, alpha=8.0, dropout=0.0)).to(torch.float64)
+    with torch.no_grad():
+        for _, _, m in lora_pairs(model):
+            lora_weights(m)[1].normal_(0, 0.05)
+    restore = enable_full_grad(model) if metric == "grad" else None
+    per_key, whole, split = (LoRAPruneImportance(model, metric=metric, power=power, stack_mib=mib) for mib in (0, 64, 0.06))
+    backward(model, 1)
+    depth = len(get_arch(model).decoder_layers(model))
+    assert {len(b) for b in per_key._batches()} == {1}
+    assert {len(b) for b in whole._batches()} == {depth}
+    sizes = [len(b) for b in split._batches()]  # 60 KiB: the small projections stack, the large ones split
+    assert max(sizes) > 1 and min(sizes) < depth
+    for seed in (1, 2):
+        backward(model, seed)
+        for imp in (per_key, whole, split):
+            assert imp.observe(model)
+    want = per_key.unit_scores()
+    for imp in (whole, split):
+        for a, b in zip(imp.unit_scores(), want):
+            torch.testing.assert_close(a["heads"], b["heads"], rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(a["channels"], b["channels"], rtol=1e-12, atol=1e-15)
+            assert a["layer"] == pytest.approx(b["layer"], rel=1e-12)
+    if restore is not None:
+        restore()

@@ -50,13 +50,22 @@ def test_fp32_and_unpruned_models_are_refused(monkeypatch):
         to_semi_structured_(tiny_model("llama", **SHAPE).half())
 
 
+def test_an_unknown_backend_is_refused():
+    with pytest.raises(SlimtuneError, match=r"unknown 2:4 backend 'cublas'; choose auto, cutlass, cusparselt"):
+        to_semi_structured_(_prune(tiny_model("llama", **SHAPE), "2:4"), backend="cublas")
+
+
 @pytest.mark.skipif(not _capable(), reason="needs an NVIDIA GPU with compute capability >= 8.0")
-def test_converted_model_gives_the_dense_logits_on_cuda():
+@pytest.mark.parametrize("backend", ["auto", "cutlass"])
+def test_converted_model_gives_the_dense_logits_on_cuda(backend):
     model = _prune(tiny_model("llama", **SHAPE), "2:4").to("cuda", torch.float16)
     tokens = torch.randint(0, 96, (2, 64), device="cuda")
     with torch.no_grad():
         dense = model(tokens).logits.float()
-        info = to_semi_structured_(model)
+        info = to_semi_structured_(model, backend=backend)
+    if backend == "cutlass":
+        assert info["backend"] == "SparseSemiStructuredTensorCUTLASS"
+    with torch.no_grad():
         sparse = model(tokens).logits.float()
     assert len(info["converted"]) == 4 * 7
     assert type(model.model.layers[0].mlp.up_proj.weight).__name__.startswith("SparseSemiStructured")

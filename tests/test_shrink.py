@@ -333,3 +333,21 @@ def test_gates_never_read_the_masks_on_the_host(tokens):
         assert not torch.equal(closed, first)
         masks.to(torch.float64)
         torch.testing.assert_close(model(tokens).logits, closed, rtol=1e-6, atol=1e-6)
+
+
+def test_only_the_pruned_kinds_are_gated(tokens):
+    from slimtune.adapters import LoraSettings, attach_lora
+    from slimtune.importance.loraprune import LoRAPruneImportance
+    from slimtune.masking.gates import check_gated
+    from slimtune.pruning.pruner import Pruner, PruneSettings
+
+    model = attach_lora(tiny_model("llama"), LoraSettings(r=4, alpha=8))
+    pruner = Pruner(model, PruneSettings(sparsity=0.2, granularity="channels"), LoRAPruneImportance(model), total_steps=4)
+    spec, base = pruner.masks.spec, unwrap(model)
+    layer = spec.decoder_layers(base)[1]
+    assert not layer.get_submodule(spec.o)._forward_pre_hooks and not layer._forward_hooks
+    assert len(layer.get_submodule(spec.mlp_out)._forward_pre_hooks) == 1
+    check_gated(pruner.masks, pruner.gates)
+    pruner.masks.set(1, layer=0.0)  # a kind no gate applies: refused, not silently ignored
+    with pytest.raises(RuntimeError, match="layers of layer 1 are masked, but only channels are gated"):
+        check_gated(pruner.masks, pruner.gates)

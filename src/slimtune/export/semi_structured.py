@@ -59,13 +59,21 @@ def semi_structured_candidates(model: nn.Module) -> tuple[list[tuple[str, nn.Lin
     return ok, skipped
 
 
-def to_semi_structured_(model: nn.Module) -> dict:
+BACKENDS = ("auto", "cutlass", "cusparselt")
+
+
+def to_semi_structured_(model: nn.Module, backend: str = "auto") -> dict:
     """Convert, in place, every 2:4 decoder projection to the semi-structured sparse layout.
 
-    Returns {"converted": [names], "skipped": [{"name", "why"}]}. Refuses (before converting
-    anything) a model that is not on a capable GPU, not in float16/bfloat16, or has no 2:4
-    projection at all.
+    backend: "auto" keeps PyTorch's choice (cuSPARSELt where it is installed), "cutlass" or
+    "cusparselt" forces one; measured on an H200 with "auto", the kernels lost to dense at
+    SmolLM2's widths (README), and benchmarks/sparse24_speed.py --backend compares the two.
+    Returns {"converted": [names], "skipped": [{"name", "why"}], "backend": the tensor class used}.
+    Refuses (before converting anything) a model that is not on a capable GPU, not in
+    float16/bfloat16, or has no 2:4 projection at all.
     """
+    if backend not in BACKENDS:
+        raise SlimtuneError(f"unknown 2:4 backend '{backend}'; choose {', '.join(BACKENDS)}")
     root = unwrap(model)
     weight = next(root.parameters())
     check_semi_structured_device(weight.device)
@@ -75,8 +83,14 @@ def to_semi_structured_(model: nn.Module) -> dict:
     if not ok:
         why = skipped[0]["why"] if skipped else "no decoder projections"
         raise SlimtuneError(f"no decoder projection can use 2:4 kernels ({why}); prune with --granularity nm --nm 2:4 first")
-    from torch.sparse import to_sparse_semi_structured
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
-    for _, lin in ok:
-        lin.weight = nn.Parameter(to_sparse_semi_structured(lin.weight.detach()), requires_grad=False)
-    return {"converted": [name for name, _ in ok], "skipped": skipped}
+    forced = SparseSemiStructuredTensor._FORCE_CUTLASS  # PyTorch's documented switch, a class attribute
+    if backend != "auto":
+        SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+    try:
+        for _, lin in ok:
+            lin.weight = nn.Parameter(to_sparse_semi_structured(lin.weight.detach()), requires_grad=False)
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = forced
+    return {"converted": [name for name, _ in ok], "skipped": skipped, "backend": type(ok[0][1].weight).__name__}

@@ -33,6 +33,7 @@ class GateHandles(Pausable):
     def __init__(self, handles):
         super().__init__()
         self._handles = handles
+        self.kinds: frozenset[str] = frozenset(("heads", "channels", "layers"))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -40,16 +41,36 @@ class GateHandles(Pausable):
         self._handles = []
 
 
-def attach_gates(model: nn.Module, masks: StructuredMasks) -> GateHandles:
+def attach_gates(model: nn.Module, masks: StructuredMasks, kinds=("heads", "channels", "layers")) -> GateHandles:
+    """Gate the model by `masks`. Only the `kinds` given get hooks (a pruner passes its granularity):
+    a gate that stays open would still cost its kernels in every forward and backward. The handles
+    record the kinds, and `check_gated` refuses masks that closed a unit of another kind."""
     spec = masks.spec
     handles = []
     state = GateHandles(handles)  # the hooks read state.enabled
+    state.kinds = frozenset(kinds)
+    unknown = state.kinds - {"heads", "channels", "layers"}
+    if unknown:
+        raise ValueError(f"unknown gate kinds {sorted(unknown)}; use heads, channels or layers")
     for i, layer in enumerate(spec.decoder_layers(model)):
         hd = masks.geometry[i].head_dim
-        handles.append(layer.get_submodule(spec.o).register_forward_pre_hook(_input_gate(masks, "heads", i, hd, state)))
-        handles.append(layer.get_submodule(spec.mlp_out).register_forward_pre_hook(_input_gate(masks, "channels", i, 1, state)))
-        handles.append(layer.register_forward_hook(_layer_gate(masks, i, state), with_kwargs=True))
+        if "heads" in state.kinds:
+            handles.append(layer.get_submodule(spec.o).register_forward_pre_hook(_input_gate(masks, "heads", i, hd, state)))
+        if "channels" in state.kinds:
+            handles.append(layer.get_submodule(spec.mlp_out).register_forward_pre_hook(_input_gate(masks, "channels", i, 1, state)))
+        if "layers" in state.kinds:
+            handles.append(layer.register_forward_hook(_layer_gate(masks, i, state), with_kwargs=True))
     return state
+
+
+def check_gated(masks: StructuredMasks, handles: GateHandles) -> None:
+    """Masks that closed a unit no gate applies would change the saved model but not the trained one."""
+    getters = {"heads": masks.heads, "channels": masks.channels, "layers": masks.layer}
+    for kind in sorted(set(getters) - handles.kinds):
+        for i in range(len(masks)):
+            if bool((getters[kind](i) != 1).any()):
+                raise RuntimeError(f"{kind} of layer {i} are masked, but only {', '.join(sorted(handles.kinds))} are gated; "
+                                   f"attach_gates(..., kinds=...) must name every kind the masks prune")
 
 
 def _input_gate(masks: StructuredMasks, kind: str, i: int, repeat: int, state: GateHandles):

@@ -19,7 +19,7 @@ from torch import nn
 from ..cli_gen import cli_help
 from ..errors import SlimtuneError, check_sparsity
 from ..importance.reduce import unit_scores
-from ..masking.gates import attach_gates
+from ..masking.gates import attach_gates, check_gated
 from ..masking.structured import StructuredMasks
 from .granularity import WEIGHT_LEVEL, parse_granularity, units_of
 from .schedules import SCHEDULES, Schedule
@@ -187,7 +187,7 @@ class Pruner(ScheduledPruner):
         self.masks = StructuredMasks(model)
         self.excluded = excluded_layers(settings, len(self.masks))
         check_criterion(importance, settings, self.prunable)
-        self.gates = attach_gates(model, self.masks)
+        self.gates = attach_gates(model, self.masks, settings.gran.names)
 
     def _check_scores(self, scores: list[dict]) -> None:
         name = getattr(self.importance, "name", type(self.importance).__name__)
@@ -209,6 +209,7 @@ class Pruner(ScheduledPruner):
             ranking=self.settings.ranking, excluded=self.excluded, layer_share=self.settings.layer_share,
             final_sparsity=self.settings.sparsity,
         )
+        check_gated(self.masks, self.gates)  # masks on the CPU: no device sync
         self.current.fill_(sparsity)
         self.last_info = info
         return info

@@ -227,7 +227,14 @@ def test_resume_refuses_other_settings(tmp_path, tiny_dir, text_file, capsys, mo
     restore()
     code, _, err = _run(capsys, *common, "--sparsity", "0.5", "--resume")
     assert code == 2 and "cannot resume: prune.sparsity was 0.2 in the interrupted run and is 0.5 now" in err
-    code, _, err = _run(capsys, *common, "--sparsity", "0.2", "--resume", "--eval-windows", "3")  # evaluation size may change
+    # evaluation size may change, and --compile (the same step in compiled kernels; aot_eager here, inductor needs minutes)
+    from functools import partial
+
+    from slimtune.training import loop
+    from slimtune.training.compile import compile_layers
+
+    monkeypatch.setattr(loop, "compile_layers", partial(compile_layers, backend="aot_eager"))
+    code, _, err = _run(capsys, *common, "--sparsity", "0.2", "--resume", "--eval-windows", "3", "--compile")
     assert code == 0, err
 
 

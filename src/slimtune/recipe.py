@@ -377,7 +377,7 @@ RESUME_FILE = "job.json"
 # options that change what a run computes; the others (--quiet, --out, evaluation sizes ...) may differ on --resume
 RESULT_FIELDS = ("model", "data", "seq_len", "dtype", "criterion", "calib_batches", "recover_steps", "prune", "train", "lora", "distill", "averaging", "quant")
 FLAGS = {"quant.spec": "--quant", "quant.gguf_blocks": "--export"}  # settings whose flag is not --<field name>
-NEUTRAL = {"train.checkpoint_every"}
+NEUTRAL = {"train.checkpoint_every", "train.compile"}  # compiled kernels compute the same step
 
 
 def _flat(obj, prefix=""):

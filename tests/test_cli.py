@@ -75,6 +75,7 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["prune", "--steps", "2", "--warmup", "0.5", "--cooldown", "0.5"], "warmup + cooldown"),
         (["eval", "--json", "/proc/forbidden/x.json"], "cannot write"),
         (["prune", "--preset", "huge"], "unknown preset"),
+        (["prune", "--lora-plus-ratio", "0"], "--lora-plus-ratio must be a positive number, got 0.0; 16 is LoRA+'s choice"),
         (["prune", "--resume"], "nothing to resume"),
         (["prune", "--lora-targets", "q_proj,v_proj"], "LoRAPrune cannot score channels"),
         (["prune", "--criterion", "block_influence"], "cannot score channels (it scores layers)"),
@@ -234,6 +235,10 @@ def test_resume_refuses_other_settings(tmp_path, tiny_dir, text_file, capsys, mo
     from slimtune.training.compile import compile_layers
 
     monkeypatch.setattr(loop, "compile_layers", partial(compile_layers, backend="aot_eager"))
+    job = tmp_path / ".o.work" / "job.json"
+    recorded = json.loads(job.read_text())
+    del recorded["train.lora_plus_ratio"]  # as a run from before that option recorded it: resumes at its old value
+    job.write_text(json.dumps(recorded))
     code, _, err = _run(capsys, *common, "--sparsity", "0.2", "--resume", "--eval-windows", "3", "--compile")
     assert code == 0, err
 

@@ -158,3 +158,41 @@ def test_true_gradient_metric_observes_but_never_trains_base_weights():
             assert p.grad is None
     assert imp.steps == 4 and float(pruner.current) == pytest.approx(0.3)
     assert set(trainer.state_dict()["trainable"]) == set(trainer.params) and all("lora_" in n for n in trainer.params)
+
+
+def test_lora_plus_puts_b_at_its_ratio_through_schedule_rebuild_and_resize():
+    from slimtune.adapters import lora_pairs, lora_weights
+
+    def one_step(ratio):
+        torch.manual_seed(0)
+        model = attach_lora(tiny_model("llama", num_hidden_layers=2), LoraSettings(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():  # B = 0 at init would leave A without a gradient
+            for _, _, m in lora_pairs(model):
+                lora_weights(m)[1].normal_(0, 0.05)
+        trainer = Trainer(model, TOKENS, TrainSettings(steps=6, batch_size=2, lr=1e-3, warmup_steps=0, lr_schedule="cosine",
+                                                       checkpoint_every=0, lora_plus_ratio=ratio))
+        before = [(lora_weights(m)[0].detach().clone(), lora_weights(m)[1].detach().clone()) for _, _, m in lora_pairs(model)]
+        trainer.train_step()
+        after = [(lora_weights(m)[0].detach(), lora_weights(m)[1].detach()) for _, _, m in lora_pairs(model)]
+        return trainer, [(a1 - a0, b1 - b0) for (a0, b0), (a1, b1) in zip(before, after)]
+
+    plain, moves = one_step(1.0)
+    plus, plus_moves = one_step(16.0)
+    assert len(plain.opt.param_groups) == 1 and len(plus.opt.param_groups) == 2
+    for (da, db), (pa, pb) in zip(moves, plus_moves):  # Adam's first step is lr x sign-like: B moves 16x as far, A alike
+        torch.testing.assert_close(pa, da, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(pb, 16 * db, rtol=1e-4, atol=1e-9)
+
+    def ratio(trainer):
+        slow, fast = trainer.opt.param_groups[:2]
+        return fast["lr"] / slow["lr"]
+
+    for _ in range(3):  # the cosine schedule scales both groups alike
+        plus.train_step()
+        assert ratio(plus) == pytest.approx(16.0)
+    plus.rebuild_optimizer([{"params": [torch.nn.Parameter(torch.ones(3))], "lr": 0.1}])  # as QAT adds its step sizes
+    assert ratio(plus) == pytest.approx(16.0) and plus.opt.param_groups[2]["lr"] != plus.opt.param_groups[0]["lr"]
+    plus._resized(saved=2)  # a resume under another world size re-derives the LRs per group
+    assert ratio(plus) == pytest.approx(16.0)
+    with pytest.raises(SlimtuneError, match="--lora-plus-ratio must be a positive number"):
+        TrainSettings(lora_plus_ratio=0)

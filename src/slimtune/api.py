@@ -181,7 +181,8 @@ def _train(net, data, config: MethodConfig, importance, pruner, run: _Run) -> li
     if run.progress and trainer.world.main:
         t = config.train
         print(f"[slimtune] {settings.steps} steps, global batch {t.global_batch(trainer.world.size)} x {data.shape[1]} tokens, lr {trainer.lr:.3g} "
-              f"(--lr {t.lr:g} at batch {t.lr_base_batch}, rule {t.lr_rule}), {t.lr_schedule} decay"
+              f"(--lr {t.lr:g} at batch {t.lr_base_batch}, rule {t.lr_rule})"
+              + (f", LoRA+ B at {t.lora_plus_ratio:g}x" if t.lora_plus_ratio != 1 else "") + f", {t.lr_schedule} decay"
               + (f", distillation T={config.distill.temperature} mix={config.distill.mix}" if config.distill.enabled else ""), file=sys.stderr)
     if config.criterion == "grad":  # after the Trainer took its parameters: W0 gets .grad, is never trained
         enable_full_grad(net)

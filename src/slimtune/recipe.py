@@ -378,6 +378,8 @@ RESUME_FILE = "job.json"
 RESULT_FIELDS = ("model", "data", "seq_len", "dtype", "criterion", "calib_batches", "recover_steps", "prune", "train", "lora", "distill", "averaging", "quant")
 FLAGS = {"quant.spec": "--quant", "quant.gguf_blocks": "--export"}  # settings whose flag is not --<field name>
 NEUTRAL = {"train.checkpoint_every", "train.compile"}  # compiled kernels compute the same step
+# options added later, with the value that computes what runs from before them computed
+ADDED = {"train.lora_plus_ratio": 1.0}
 
 
 def _flat(obj, prefix=""):
@@ -398,6 +400,8 @@ def _check_resume(job: PruneJob, work: Path) -> None:
 
         before = json.loads(saved.read_text())
         for key in sorted(set(before) | set(settings)):
+            if key not in before and key in ADDED and settings.get(key) == ADDED[key]:
+                continue
             if before.get(key) != settings.get(key):
                 flag = FLAGS.get(key) or "--" + key.rsplit(".", 1)[-1].replace("_", "-")
                 raise SlimtuneError(f"cannot resume: {key} was {before.get(key)!r} in the interrupted run and is {settings.get(key)!r} now; "

@@ -68,6 +68,9 @@ class TrainSettings:
     seed: int = field(default=0, metadata=cli_help("seed of LoRA init, dropout and batch order"))
     gradient_checkpointing: bool = field(default=False, metadata=cli_help("recompute activations in backward to save memory"))
     mixed_precision: str = field(default="no", metadata=cli_help("autocast dtype", choices=("no", "bf16", "fp16")))
+    lora_plus_ratio: float = field(default=1.0, metadata=cli_help(
+        "LoRA+ (Hayou et al. 2024): the LoRA B matrices (and 1-D adapter weights) learn this many times faster than A; "
+        "the paper uses 16 with AdamW; 1 = plain LoRA"))
     compile: bool = field(default=False, metadata=cli_help("torch.compile each decoder layer for training (pays on a GPU, where kernel launches dominate; the first steps compile)"))
     checkpoint_every: int = field(default=10, metadata=cli_help("optimiser steps between resumable checkpoints (0 = none)"))
 
@@ -87,6 +90,8 @@ class TrainSettings:
                 raise SlimtuneError(f"--{name.replace('_', '-')} {getattr(self, name)} must not be negative")
         if not self.lr > 0:
             raise SlimtuneError(f"--lr must be positive, got {self.lr}")
+        if not (self.lora_plus_ratio > 0 and self.lora_plus_ratio != float("inf")):
+            raise SlimtuneError(f"--lora-plus-ratio must be a positive number, got {self.lora_plus_ratio}; 16 is LoRA+'s choice, 1 turns it off")
         if not self.max_grad_norm > 0:
             raise SlimtuneError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -152,7 +157,7 @@ class Trainer:
         if not self.params:
             raise SlimtuneError("nothing to train: no parameter requires grad (were LoRA adapters attached?)")
         self.lr = settings.effective_lr(self.world.size if devices is None else devices)
-        self.opt = self._adamw(list(self.params.values()))
+        self.opt = self._adamw(self._adapter_groups())
         self.sched = lr_scheduler(self.opt, settings)
         self.step = 0
         self.history: list[dict] = []
@@ -177,6 +182,18 @@ class Trainer:
         """AdamW's fused CUDA kernel (one launch for all adapters instead of several per tensor) where
         the weights are on a GPU; torch's default elsewhere."""
         return True if next(self.model.parameters()).device.type == "cuda" else None
+
+    def _adapter_groups(self) -> list[dict]:
+        """The trained weights as optimiser groups: one, or with LoRA+ two, B's at `lora_plus_ratio` x the
+        LR. B is told apart as PEFT's `create_loraplus_optimizer` does ("lora_B" in the name, or a 1-D
+        weight such as DoRA's magnitude); that function builds its own optimiser, while this loop has
+        to rebuild its optimiser with extra groups (QAT) and rescale the LR per group (LR rule)."""
+        ratio = self.s.lora_plus_ratio
+        if ratio == 1.0:
+            return [{"params": list(self.params.values()), "lr_ratio": 1.0}]
+        fast = [p for n, p in self.params.items() if "lora_B" in n or p.ndim == 1]
+        slow = [p for n, p in self.params.items() if not ("lora_B" in n or p.ndim == 1)]
+        return [g for g in ({"params": slow, "lr_ratio": 1.0}, {"params": fast, "lr": self.lr * ratio, "lr_ratio": ratio}) if g["params"]]
 
     def _adamw(self, groups) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.s.weight_decay, fused=self._fused())
@@ -213,10 +230,11 @@ class Trainer:
         quantiser step sizes), its LR schedule continued at the current step; parameters that stay
         keep their AdamW state."""
         old = self.opt
-        self.opt = self._adamw([{"params": list(self.params.values())}, *extra_groups])
-        for p in self.opt.param_groups[0]["params"]:
-            if p in old.state:
-                self.opt.state[p] = old.state[p]
+        self.opt = self._adamw([*self._adapter_groups(), *extra_groups])
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if p in old.state:
+                    self.opt.state[p] = old.state[p]
         self.sched = lr_scheduler(self.opt, self.s)
         self.sched.last_epoch = self.step
         lrs = [base * fn(self.step) for base, fn in zip(self.sched.base_lrs, self.sched.lr_lambdas)]
@@ -303,10 +321,12 @@ class Trainer:
         """A checkpoint of `saved` processes resumed by another number: follow the new global batch, and say so."""
         before, after = self.s.global_batch(saved), self.s.global_batch(self.world.size)
         lambdas = getattr(self.sched, "lr_lambdas", None)
-        if lambdas is not None:  # the adapters' group takes the LR rule's value for this global batch, at the schedule's position
-            group = self.opt.param_groups[0]
-            group["initial_lr"], group["lr"] = self.lr, self.lr * lambdas[0](self.sched.last_epoch)
-            self.sched.base_lrs[0] = self.lr
+        if lambdas is not None:  # the adapters' groups take the LR rule's value for this global batch, at the schedule's position
+            for k, group in enumerate(self.opt.param_groups):
+                if "lr_ratio" in group:  # an adapter group (LoRA+ keeps its ratio); QAT's step sizes keep their own LR
+                    base = self.lr * group["lr_ratio"]
+                    group["initial_lr"], group["lr"] = base, base * lambdas[k](self.sched.last_epoch)
+                    self.sched.base_lrs[k] = base
             self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
         if self.world.main:
             print(f"[slimtune] warning: resuming a {saved}-process checkpoint with {self.world.size} process(es): the global batch "

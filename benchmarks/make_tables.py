@@ -375,7 +375,7 @@ def qat_section() -> list[str]:
 
 
 COMMON_STANDARD = "--preset standard --mixed-precision bf16 --no-eval --quiet"
-STANDARD_ORDER = ["loraprune", "loraprune_distill", "taylor", "grad", "mask_fisher"]
+STANDARD_ORDER = ["loraprune", "loraprune_distill", "loraprune_lora_plus", "taylor", "grad", "mask_fisher"]
 
 
 def _gpu(d: dict) -> str:

@@ -35,6 +35,7 @@ VARIANTS = {
     "taylor": ["--criterion", "taylor"],
     "grad": ["--criterion", "grad"],
     "mask_fisher": ["--criterion", "mask_fisher"],
+    "loraprune_lora_plus": ["--lora-plus-ratio", "16"],
 }
 COMMON = ["--preset", "standard", "--mixed-precision", "bf16", "--no-eval", "--quiet"]
 

@@ -351,3 +351,15 @@ def test_only_the_pruned_kinds_are_gated(tokens):
     pruner.masks.set(1, layer=0.0)  # a kind no gate applies: refused, not silently ignored
     with pytest.raises(RuntimeError, match="layers of layer 1 are masked, but only channels are gated"):
         check_gated(pruner.masks, pruner.gates)
+
+
+def test_gates_used_in_inference_mode_still_train(tokens):
+    """An evaluation under torch.inference_mode between training steps must not leave the gates a copy
+    of the mask that autograd cannot save."""
+    model = tiny_model("llama")
+    masks = _mask(model, heads="q", channels=5, layers=(1,))
+    attach_gates(model, masks)
+    with torch.inference_mode():
+        model(tokens)
+    model(tokens).logits.sum().backward()
+    assert model.model.layers[0].mlp.down_proj.weight.grad is not None

@@ -115,7 +115,8 @@ class _OnDevice:
         self._source, self._version, self._key, self._gate = None, -1, None, None
 
     def get(self, mask: torch.Tensor, like: torch.Tensor, repeat: int = 1) -> torch.Tensor:
-        key = (like.device, like.dtype, repeat)
+        # an inference-mode copy cannot be saved for a later backward: made again outside that mode
+        key = (like.device, like.dtype, repeat, torch.is_inference_mode_enabled())
         if self._source is None or self._source() is not mask or self._version != mask._version or self._key != key:
             gate = mask.repeat_interleave(repeat) if repeat > 1 else mask  # [H] -> [H * head_dim]
             self._gate = gate.to(device=like.device, dtype=like.dtype, copy=True)  # a copy: never aliases the mask

@@ -332,7 +332,7 @@ class LoRAPruneImportance(Importance):
         path = keys[0][1]
         g = self.geometry[layers[0]]
         s = self._stacked_elements(keys)  # [n, out, in]
-        layer.index_add_(0, self._index(layers, layer.device), s.sum(dim=(1, 2)).to(layer.dtype))
+        layer.index_add_(0, self._index(layers, layer.device), s.sum(dim=(1, 2)).to(layer.device, layer.dtype))
         n = len(keys)
         v = s.sum(dim=1 if path in (spec.o, spec.mlp_out) else 2).float()  # row or column sums; fp32 from here, as `_unit_parts`
         h = c = None

@@ -292,9 +292,12 @@ class Trainer:
         with torch.no_grad():
             for n, t in state["trainable"].items():
                 params[n].copy_(t)
+        ratios = [g.get("lr_ratio") for g in self.opt.param_groups]
         self.opt.load_state_dict(state["optimizer"])
-        for group in self.opt.param_groups:  # loading takes the saved options too: a GPU checkpoint resumed on a CPU
-            group["fused"] = self._fused()
+        for group, ratio in zip(self.opt.param_groups, ratios):  # loading takes the saved options too:
+            group["fused"] = self._fused()  # a GPU checkpoint resumed on a CPU
+            if ratio is not None:
+                group.setdefault("lr_ratio", ratio)  # a checkpoint from before LoRA+ has no ratio in its groups
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.averager is not None:

@@ -389,7 +389,7 @@ def gpu_section() -> list[str]:
     std, sp24 = _load("standard_preset_gpu"), _load("sparse24_speed")
     if not (steps or std or sp24):
         return []
-    out = ["### On a GPU", ""]
+    out = ["### On a GPU", "", "`bash benchmarks/gpu_session.sh` re-runs everything in this section (and the CUDA tests) in about nine minutes.", ""]
     if steps:
         out += [
             "Step time, each variant alone on the GPU, device synchronised around every timed step, medians "

@@ -311,3 +311,13 @@ def test_sparse_copy_is_smaller_and_exact(tmp_path, tiny_dir, text_file, capsys)
     assert all(torch.equal(dense[k], sparse[k]) for k in dense)
     code, _, err = _run(capsys, "prune", "--model", tiny_dir, "--data", text_file, "--out", tmp_path / "x", "--save-sparse", *FAST)
     assert code == 2 and "--save-sparse is for unstructured or N:M pruning" in err
+
+
+def test_an_overshoot_of_coarse_units_is_said(tmp_path, tiny_dir, text_file, capsys):
+    """On the tiny model one KV group is half a layer's attention and a layer a quarter of the decoder:
+    asking for 0.3 removes more, and the run says so instead of only printing the figure."""
+    code, _, err = _run(capsys, "prune", "--model", tiny_dir, "--data", text_file, "--out", tmp_path / "o", "--steps", "4",
+                        "--granularity", "heads,channels,layers", "--sparsity", "0.3", "--exclude-layers", "", "--no-eval", *FAST)
+    assert code == 0, err
+    achieved = json.loads((tmp_path / "o" / "report.json").read_text())["sparsity"]["achieved"]
+    assert achieved > 0.31 and "more than the target 0.3" in err and "--ranking global" in err

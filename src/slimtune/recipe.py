@@ -248,6 +248,11 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     if sp.get("shortfall", 0.0) > 5e-4:
         print(f"[slimtune] warning: reached sparsity {sp['achieved']:.4f}, {sp['shortfall']:.4f} short of the target {sp['target']}: "
               "the granularity's units are too coarse for an exact hit", file=sys.stderr)
+    over = sp.get("achieved", 0.0) - sp.get("target", 0.0)
+    if over > 0.01:  # a fraction of one unit is expected; more means the units are coarse for this model
+        print(f"[slimtune] warning: removed {sp['achieved']:.4f} of the decoder, {over:.4f} more than the target {sp['target']}: "
+              "heads and whole layers are coarse units on this model (under local ranking every layer drops the same number "
+              "of heads); use finer units (--granularity channels, --head-mode q_heads) or --ranking global for a closer hit", file=sys.stderr)
     after = _evaluate(model, test_tokens, job, "pruned", progress) if job.evaluate and world.main else None
     report = {
         "command": job.command or _command(),

@@ -140,9 +140,12 @@ def overhead_section() -> list[str]:
         f"`{d['command']}` ({_machine(d)}). Batch {d['setup']['batch_size']} x {d['setup']['seq_len']}, alternating blocks, medians"
         f"{'; the plain LoRA step runs with the gates paused' if 'lora_step' in d['setup'] else ''}. On a GPU: see \"On a GPU\".",
         "",
-        "| plain LoRA step | LoRAPrune step | ratio |",
-        "|---:|---:|---:|",
-        f"| {m['lora']:.2f} s | {m['loraprune']:.2f} s | {d['ratio_loraprune_over_lora']:.3f} |",
+        "| command | plain LoRA step | LoRAPrune step | ratio |",
+        "|---|---:|---:|---:|",
+        f"| `{d['command']}` | {m['lora']:.2f} s | {m['loraprune']:.2f} s | {d['ratio_loraprune_over_lora']:.3f} |",
+        *[f"| `{c['command']}` ({c['date'][:10]}, {c['warmup_seconds']:.0f} s warm-up) | {c['median_step_seconds']['lora']:.2f} s | "
+          f"{c['median_step_seconds']['loraprune']:.2f} s | {c['ratio_loraprune_over_lora']:.3f} |"
+          for c in [_load("loraprune_overhead_cpu_compile")] if c],
         "",
     ]
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# what every row of benchmarks/standard_preset.py passes to `slimtune prune` (make_tables.py strips it)
+STANDARD_OPTIONS = ["--preset", "standard", "--mixed-precision", "bf16", "--no-eval", "--quiet"]
 
 
 def machine() -> dict:

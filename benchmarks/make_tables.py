@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from _common import STANDARD_OPTIONS  # benchmarks/ is on the path: this runs as a script there
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -377,8 +379,7 @@ def qat_section() -> list[str]:
     return out
 
 
-COMMON_STANDARD = "--preset standard --mixed-precision bf16 --no-eval --quiet"
-STANDARD_ORDER = ["loraprune", "loraprune_distill", "loraprune_lora_plus", "taylor", "grad", "mask_fisher"]
+COMMON_STANDARD = " ".join(STANDARD_OPTIONS)
 
 
 def _gpu(d: dict) -> str:
@@ -419,7 +420,7 @@ def gpu_section() -> list[str]:
             "|---|---|---:|---:|---:|---:|---:|",
             f"| dense | | | {dense['wiki_test_256']:.2f} | {dense['wiki_test_512']:.2f} | {dense['news_512']:.2f} | 1.00 / 1.00 |",
         ]
-        for name, v in sorted(std["variants"].items(), key=lambda kv: STANDARD_ORDER.index(kv[0]) if kv[0] in STANDARD_ORDER else 99):
+        for name, v in std["variants"].items():  # in standard_preset.py's order
             opts = v["command"].replace("slimtune prune", "").replace(COMMON_STANDARD, "").strip() or "(LoRAPrune, the default)"
             if "perplexity" not in v:
                 out.append(f"| {name} | `{opts}` | {v.get('failed')} | | | | |")

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import STANDARD_OPTIONS as COMMON  # noqa: E402
 from _common import write  # noqa: E402
 from default_run import evaluate  # noqa: E402
 
@@ -37,7 +38,6 @@ VARIANTS = {
     "mask_fisher": ["--criterion", "mask_fisher"],
     "loraprune_lora_plus": ["--lora-plus-ratio", "16"],
 }
-COMMON = ["--preset", "standard", "--mixed-precision", "bf16", "--no-eval", "--quiet"]
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
                 row["vs_dense"] = {k: v / dense[k] for k, v in row["perplexity"].items()}
         path = write(args.name, {
             "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "windows": args.windows, "dense": dense, "variants": results, "deadline_seconds": args.deadline,
+            "windows": args.windows, "dense": dense, "variants": {n: results[n] for n in names if n in results}, "deadline_seconds": args.deadline,
             "note": "runs side by side on one GPU (wall times are shared-GPU times); perplexity of each saved model, evaluated as it finished",
         })
         if args.copy_to:

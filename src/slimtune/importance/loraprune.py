@@ -36,6 +36,7 @@ costs one fp32 weight-sized tensor per adapted projection.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import astuple
 
 import torch
 from torch import nn
@@ -64,17 +65,9 @@ def lora_grad_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: t
     return g
 
 
-def _l2(v: torch.Tensor) -> torch.Tensor:
-    return v / (v.norm() + 1e-8)  # the "l2" normalisation of reduce.py, bit for bit
-
-
 def _l2_rows(v: torch.Tensor) -> torch.Tensor:
-    """`_l2` of every row of v [n, k]."""
+    """The "l2" normalisation of reduce.py applied to every row of v [n, k]."""
     return v / (v.norm(dim=1, keepdim=True) + 1e-8)
-
-
-def _geometry_key(g) -> tuple:
-    return (g.num_heads, g.num_kv_heads, g.head_dim, g.intermediate, g.hidden)
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -211,22 +204,20 @@ class LoRAPruneImportance(Importance):
         s = w.abs_() if self.metric == "magnitude" else w.mul_(g).abs_()
         return s.square_() if self.power == 2 else s
 
-    def _unit_parts(self, i: int, path: str, one: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """This projection's l2-normalised head [H] and channel [I] vectors from its row sums [out, 1]
-        or column sums [1, in] (o/down): reduce.head_scores / channel_scores, kept on the device."""
-        spec, g = self.spec, self.geometry[i]
-        v = one.float()
-        if path == spec.q:
-            return _l2(v.reshape(g.num_heads, g.head_dim, -1).sum(dim=(1, 2))), None
-        if path == spec.o:
-            return _l2(v.reshape(-1, g.num_heads, g.head_dim).sum(dim=(0, 2))), None
+    def _unit_parts(self, i: int, path: str, s: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The l2-normalised head [n, H] and channel [n, I] vectors of n same-shaped projections'
+        element scores s [n, out, in] (layer i's geometry): reduce.head_scores / channel_scores, on
+        the device. A unit is a set of rows (q/k/v/gate/up) or columns (o/down); their sums are all
+        it needs, and normalisation is per projection, i.e. per row of the result."""
+        spec, g, n = self.spec, self.geometry[i], s.shape[0]
+        v = s.sum(dim=1 if path in (spec.o, spec.mlp_out) else 2).float()  # [n, in] column or [n, out] row sums
+        if path in (spec.q, spec.o):
+            return _l2_rows(v.reshape(n, g.num_heads, g.head_dim).sum(dim=2)), None
         if path in (spec.k, spec.v):
-            kv = _l2(v.reshape(g.num_kv_heads, g.head_dim, -1).sum(dim=(1, 2)))
-            return kv.repeat_interleave(g.group_size) / g.group_size, None
-        if path in spec.mlp_in:
-            return None, _l2(v.sum(dim=1))
-        if path == spec.mlp_out:
-            return None, _l2(v.sum(dim=0))
+            kv = _l2_rows(v.reshape(n, g.num_kv_heads, g.head_dim).sum(dim=2))
+            return kv.repeat_interleave(g.group_size, dim=1) / g.group_size, None
+        if path in (*spec.mlp_in, spec.mlp_out):
+            return None, _l2_rows(v)
         return None, None
 
     def _step_units(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
@@ -249,14 +240,11 @@ class LoRAPruneImportance(Importance):
         i, path = key
         s = self._element(key)
         layer[i] += s.sum().to(layer.device, layer.dtype)  # as the old float(): fp64 sums round first
-        # Normalisation is per module, so modules reduce one at a time. A unit is a set of rows
-        # (q/k/v/gate/up) or columns (o/down); their sums are all it needs.
-        cols = path in (self.spec.o, self.spec.mlp_out)
-        h, c = self._unit_parts(i, path, s.sum(dim=0 if cols else 1, keepdim=True))  # [1, in] or [out, 1]
+        h, c = self._unit_parts(i, path, s.unsqueeze(0))
         if h is not None:
-            heads[i] += h.to(heads[i].device)
+            heads[i] += h[0].to(heads[i].device)
         if c is not None:
-            chans[i] += c.to(chans[i].device)
+            chans[i] += c[0].to(chans[i].device)
 
     # ---- many projections at once (GPU) -----------------------------------------------------
     def _has_grad(self, key) -> bool:
@@ -278,7 +266,7 @@ class LoRAPruneImportance(Importance):
                 continue
             i, path = key
             w0, lora = self._weights[key], self._lora.get(key)
-            sig = (path, tuple(w0.shape), w0.dtype, w0.device, _geometry_key(self.geometry[i]))
+            sig = (path, tuple(w0.shape), w0.dtype, w0.device, astuple(self.geometry[i]))
             if lora is not None:
                 A, B = lora_weights(lora)
                 sig += (tuple(A.shape), A.dtype, scaling(lora))
@@ -327,26 +315,10 @@ class LoRAPruneImportance(Importance):
         return self._index_cache[key]
 
     def _add_stacked(self, keys, heads, chans, layer) -> None:
-        spec = self.spec
         layers = [i for i, _ in keys]
-        path = keys[0][1]
-        g = self.geometry[layers[0]]
         s = self._stacked_elements(keys)  # [n, out, in]
         layer.index_add_(0, self._index(layers, layer.device), s.sum(dim=(1, 2)).to(layer.device, layer.dtype))
-        n = len(keys)
-        v = s.sum(dim=1 if path in (spec.o, spec.mlp_out) else 2).float()  # row or column sums; fp32 from here, as `_unit_parts`
-        h = c = None
-        if path == spec.q:
-            h = _l2_rows(v.reshape(n, g.num_heads, g.head_dim).sum(dim=2))
-        elif path == spec.o:
-            h = _l2_rows(v.reshape(n, g.num_heads, g.head_dim).sum(dim=2))
-        elif path in (spec.k, spec.v):
-            kv = _l2_rows(v.reshape(n, g.num_kv_heads, g.head_dim).sum(dim=2))
-            h = kv.repeat_interleave(g.group_size, dim=1) / g.group_size
-        elif path in spec.mlp_in:
-            c = _l2_rows(v)
-        elif path == spec.mlp_out:
-            c = _l2_rows(v)
+        h, c = self._unit_parts(layers[0], keys[0][1], s)  # the group shares one layer geometry
         for vectors, rows in ((heads, h), (chans, c)):
             if rows is not None:
                 targets = [vectors[i] for i in layers]

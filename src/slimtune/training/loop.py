@@ -191,8 +191,9 @@ class Trainer:
         ratio = self.s.lora_plus_ratio
         if ratio == 1.0:
             return [{"params": list(self.params.values()), "lr_ratio": 1.0}]
-        fast = [p for n, p in self.params.items() if "lora_B" in n or p.ndim == 1]
-        slow = [p for n, p in self.params.items() if not ("lora_B" in n or p.ndim == 1)]
+        fast, slow = [], []
+        for n, p in self.params.items():
+            (fast if "lora_B" in n or p.ndim == 1 else slow).append(p)
         return [g for g in ({"params": slow, "lr_ratio": 1.0}, {"params": fast, "lr": self.lr * ratio, "lr_ratio": ratio}) if g["params"]]
 
     def _adamw(self, groups) -> torch.optim.AdamW:

@@ -135,9 +135,10 @@ class LoRAPruneImportance(Importance):
                  stack_mib: float = 0.0):
         """stack_mib: how many MiB of fp32 weights one batched score computation may stack (see
         `_batches`). 0, the default, scores one projection at a time: the least memory, and on a
-        CPU the fastest (SmolLM2, 2 cores: 0.12 s per observe against 0.49 s with 64 MiB stacks).
-        Stacking is meant for GPUs, where a step of a small model waits for kernel launches (4.7x
-        fewer tensor operations per observe for SmolLM2); benchmarks/loraprune_overhead.py
+        CPU the fastest (SmolLM2, 2 cores: 0.12 s per observe against 0.47 s with 64 MiB stacks).
+        Stacking is meant for GPUs, where a step of a small model waits for kernel launches (1,495
+        instead of 7,394 tensor operations per observe for SmolLM2; both figures from
+        benchmarks/importance_ops.py); benchmarks/loraprune_overhead.py
         --stack-mib measures it, and it becomes the GPU default once it has been measured there."""
         super().__init__(model, spec)
         if metric not in METRICS:

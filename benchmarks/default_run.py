@@ -77,7 +77,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         report = json.loads((out / "report.json").read_text())
         scores = evaluate(str(out))
-    variants[args.variant] = {
+    row = {
         "command": shlex.join(["slimtune", "prune", *args.extra]),
         "wall_seconds": wall,
         "achieved_sparsity": report["sparsity"]["achieved"],
@@ -86,7 +86,10 @@ def main() -> None:
         "vs_dense": {k: v / dense[k] for k, v in scores.items()},
         "job": {k: report["job"][k] for k in ("seq_len", "preset")} | {"train": report["job"]["train"], "distill": report["job"].get("distill")},
     }
-    print(json.dumps(variants[args.variant], indent=1))
+    print(json.dumps(row, indent=1))
+    # read again: another variant may have finished while this one ran (runs can overlap)
+    variants = (json.loads(path.read_text()) if path.is_file() else {}).get("variants", {})
+    variants[args.variant] = row
     write("default_run", {"windows": WINDOWS, "dense": dense, "variants": variants,
                           "note": "one fresh `slimtune prune` process per variant on an otherwise shared 2-core CPU; perplexity of the saved model, evenly spaced windows"})
 

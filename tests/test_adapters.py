@@ -160,16 +160,17 @@ def test_merge_keeps_unstructured_zeros():
 HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-@pytest.mark.parametrize("variant", ["lora", "rslora", "dora", "pissa"])
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora", "pissa", "lora_ga"])
 def test_saved_adapters_apply_to_the_original_base(tmp_path, variant):
-    """PiSSA rewrites the base weights in place (W -> W_res); the saved adapter must still fit W."""
+    """PiSSA and LoRA-GA rewrite the base weights in place (W -> W_res); the saved adapter must still fit W."""
     from peft import PeftModel
 
     base = tiny_model("llama")
     original = copy.deepcopy(base)
-    net = attach_lora(base, LoraSettings(r=4, alpha=8.0, variant=variant))
+    net = attach_lora(base, LoraSettings(r=4, alpha=8.0, variant=variant), batches=[TOKENS] if variant == "lora_ga" else None)
     initial = save_initial_adapters(net, tmp_path / "initial")
-    assert (initial is None) == (variant != "pissa") and mutates_base(net) == (variant == "pissa")
+    mutating = variant in ("pissa", "lora_ga")
+    assert (initial is None) == (not mutating) and mutates_base(net) == mutating
     train_a_little(net, lr=0.05)
     trained = logits(net)
     assert bool(torch.isfinite(trained).all()) and (trained - logits(original)).abs().max() > 1e-2
@@ -181,7 +182,7 @@ def test_saved_adapters_apply_to_the_original_base(tmp_path, variant):
     config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == HUB_NAME
     assert ModelCard.load(tmp_path / "adapters" / "README.md").data.base_model == HUB_NAME
-    if variant == "pissa":  # a plain LoRA of rank 2r on W: s·[B | −B₀]·[A ; A₀]
+    if mutating:  # a plain LoRA of rank 2r on W: s·[B | −B₀]·[A ; A₀]
         assert config["r"] == 8 and config["lora_alpha"] == 16.0 and config["init_lora_weights"] is True
     if variant != "dora":  # any LoRA tool, not only PEFT: W + s'·B'·A' from the files is the trained weight
         weights = load_file(tmp_path / "adapters" / "adapter_model.safetensors")
@@ -196,7 +197,7 @@ def test_saved_adapters_apply_to_the_original_base(tmp_path, variant):
     untouched = {n: p.detach().clone() for n, p in original.named_parameters()}
     reloaded = PeftModel.from_pretrained(original, tmp_path / "adapters").eval()
     torch.testing.assert_close(logits(reloaded), trained, atol=1e-4, rtol=0)
-    for n, p in reloaded.get_base_model().named_parameters():  # loading must not rewrite W (PiSSA init would)
+    for n, p in reloaded.get_base_model().named_parameters():  # loading must not rewrite W (PiSSA/LoRA-GA init would)
         if "lora_" not in n:
             assert torch.equal(p, untouched[n.replace(".base_layer", "")]), n
     if initial is not None:  # the folder of save_initial_adapters also works as initial_dir

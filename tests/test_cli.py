@@ -89,7 +89,10 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["prune", "--distill", "--distill-mix", "1.5"], "--distill-mix must be in [0, 1]"),
         (["prune", "--ema", "1.0"], "--ema decay must be in [0, 1)"),
         (["prune", "--export-weights", "ema"], "needs an EMA"),
-        (["prune", "--distill", "--lora-variant", "pissa"], "--distill cannot use PiSSA"),
+        (["prune", "--distill", "--lora-variant", "pissa"], "--distill cannot use --lora-variant pissa"),
+        (["prune", "--distill", "--lora-variant", "lora_ga"], "--distill cannot use --lora-variant lora_ga"),
+        (["prune", "--lora-pro", "--lora-variant", "dora"], "--lora-pro matches the step of W0 + s·B·A, which DoRA renormalises"),
+        (["prune", "--lora-variant", "lora_ga", "--lora-ga-batches", "0"], "--lora-ga-batches 0 must be a positive integer"),
         (["prune", "--quant", "w4g32", "--steps", "10"], "group size 32 does not divide the 72 input features of layer 0 self_attn.q_proj"),
         (["prune", "--quant", "w4x"], "cannot parse quantisation spec 'w4x'"),
         (["prune", "--quant", "w4g32a"], "lsq learns a step size only"),
@@ -217,6 +220,24 @@ def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, ca
     assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], rel=1e-5)
     log = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in log] == list(range(1, 7))  # the interrupted run's extra rows are gone
+
+
+def test_lora_ga_runs_end_to_end_and_resumes_exactly(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
+    """LoRA-GA initialises from gradients on its own batches: an interrupted run re-initialises
+    identically, and the saved adapter is a rank-2r LoRA of the original model."""
+    common = ["prune", "--model", tiny_dir, "--data", text_file, "--sparsity", "0.2", "--steps", "4", "--batch-size", "2",
+              "--checkpoint-every", "2", "--prune-every", "1", "--no-eval", "--lora-variant", "lora_ga", "--lora-r", "4", *FAST]
+    code, _, err = _run(capsys, *common, "--out", tmp_path / "full")
+    assert code == 0, err
+    assert json.loads((tmp_path / "full" / "adapters" / "adapter_config.json").read_text())["r"] == 8
+    restore = interrupt_training_at(monkeypatch, 3)
+    assert _run(capsys, *common, "--out", tmp_path / "resumed")[0] == 130
+    restore()
+    code, _, err = _run(capsys, *common, "--out", tmp_path / "resumed", "--resume")
+    assert code == 0, err
+    a = json.loads((tmp_path / "full" / "report.json").read_text())["history"]
+    b = json.loads((tmp_path / "resumed" / "report.json").read_text())["history"]
+    assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], rel=1e-5)
 
 
 def test_resume_refuses_other_settings(tmp_path, tiny_dir, text_file, capsys, monkeypatch):

@@ -159,9 +159,20 @@ class _Run:
         return Path(self.work_dir) / "initial_adapter" if self.work_dir else None
 
 
-def _attach(model, config: MethodConfig, run: _Run):
+def _init_batches(model, config: MethodConfig, data):
+    """LoRA-GA's gradient batches (None for the other variants): drawn like training batches, from
+    their own seed, so that a resumed run re-initialises exactly as the interrupted one did."""
+    if config.lora.variant != "lora_ga":
+        return None
+    if data is None:
+        raise SlimtuneError("--lora-variant lora_ga initialises the adapters from gradients and needs data: pass data=token windows [n, seq_len]")
+    device = next(model.parameters()).device
+    return [batch_at(data, config.train.batch_size, config.train.seed + 2, b).to(device) for b in range(config.lora.ga_batches)]
+
+
+def _attach(model, config: MethodConfig, run: _Run, data=None):
     torch.manual_seed(config.train.seed)  # LoRA init, dropout: a rerun (or --resume) with the same seed is identical
-    net = attach_lora(model, config.lora)
+    net = attach_lora(model, config.lora, _init_batches(model, config, data))
     if run.initial_dir is not None and is_main():
         from .adapters import save_initial_adapters
 
@@ -237,7 +248,7 @@ def _finish(model, net, pruner, history, run: _Run, importance=None) -> PruneRes
 
 @handler(LoRAPruneConfig)
 def _progressive(model, config: LoRAPruneConfig, data, run: _Run) -> PruneResult:
-    net = _attach(model, config, run)
+    net = _attach(model, config, run, data)
     importance = get_criterion(config.criterion).build(net, keep_elements=config.prune.weight_level)
     pruner = make_pruner(net, config.prune, importance, total_steps=config.steps)
     history = _train(net, data, config, importance, pruner, run)
@@ -247,7 +258,7 @@ def _progressive(model, config: LoRAPruneConfig, data, run: _Run) -> PruneResult
 @handler(OneShotConfig)
 def _one_shot(model, config: OneShotConfig, data, run: _Run) -> PruneResult:
     # adapters first: gates hook the (wrapped) projections, so they gate the LoRA branch too
-    net = _attach(model, config, run) if config.uses_lora else model
+    net = _attach(model, config, run, data) if config.uses_lora else model
     entry = get_criterion(config.criterion)
     importance = entry.build(net)
     if entry.needs_data:
@@ -278,7 +289,7 @@ def _layerwise(model, config: LayerwiseConfig, data, run: _Run) -> PruneResult:
     masks = prune_layerwise(model, calib, config.criterion, per_module, nm=nm, excluded=excluded, batch_size=bs,
                             blocksize=config.blocksize, percdamp=config.percdamp, progress=run.progress)
     target = masks.sparsity_of_decoder(model) if nm else s.sparsity
-    net = _attach(model, config, run) if config.uses_lora else model
+    net = _attach(model, config, run, data) if config.uses_lora else model
     pruner = FixedMasks(net, masks, s.nm if nm else "unstructured", target)
     history = _train(net, data, config, None, pruner, run) if config.uses_lora else []
     return _finish(model, net if config.uses_lora else None, pruner, history, run)
@@ -292,7 +303,8 @@ class PruneSession:
         result = session.finish(adapter_dir="adapters")   # merged, shrunk model in result.model
     """
 
-    def __init__(self, model: nn.Module, config: LoRAPruneConfig, total_steps: int):
+    def __init__(self, model: nn.Module, config: LoRAPruneConfig, total_steps: int, data: torch.Tensor | None = None):
+        """data: token windows [n, seq_len] for --lora-variant lora_ga's initial gradient (others ignore it)."""
         if not isinstance(config, LoRAPruneConfig):
             raise SlimtuneError(f"PruneSession runs progressive methods (LoRAPruneConfig); for {type(config).__name__} call prune_")
         if config.quant.enabled:
@@ -301,7 +313,7 @@ class PruneSession:
         self._base, self.config = model, config
         # PiSSA converts its adapter against the initial one at save time: keep that in a temp dir
         self._run = _Run(tempfile.mkdtemp(prefix="slimtune-session-"), False, False, None, None)
-        self.model = _attach(model, config, self._run)
+        self.model = _attach(model, config, self._run, data)
         self.importance = get_criterion(config.criterion).build(self.model, keep_elements=config.prune.weight_level)
         self.pruner = make_pruner(self.model, config.prune, self.importance, total_steps=total_steps)
         if config.criterion == "grad":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from .adapters.lora import LoraSettings
+from .adapters.lora import MUTATING, LoraSettings
 from .errors import SlimtuneError
 from .importance.registry import get_criterion
 from .pruning.pruner import PruneSettings
@@ -48,8 +48,11 @@ class MethodConfig(Sections):
         if entry.mode != self.mode:
             raise SlimtuneError(f"criterion '{self.criterion}' is {entry.mode.replace('_', '-')}; use {config_for(self.criterion).__name__} for it")
         entry.check_units(self.prune.units)  # before any model is loaded
-        if self.distill.enabled and self.lora.variant == "pissa":
-            raise SlimtuneError("--distill cannot use PiSSA: it rewrites the base weights, so no dense teacher is left; use --lora-variant lora, rslora or dora")
+        if self.distill.enabled and self.lora.variant in MUTATING:
+            raise SlimtuneError(f"--distill cannot use --lora-variant {self.lora.variant}: it rewrites the base weights, so no dense teacher is left; "
+                                "use --lora-variant lora, rslora or dora")
+        if self.train.lora_pro and self.lora.variant == "dora":
+            raise SlimtuneError("--lora-pro matches the step of W0 + s·B·A, which DoRA renormalises; use --lora-variant lora, rslora, pissa or lora_ga")
         if self.prune.weight_level and self.lora.variant == "dora" and self.uses_lora:
             raise SlimtuneError("unstructured and N:M masks act on the merged weight, which DoRA renormalises; use --lora-variant lora, rslora or pissa")
         if self.quant.enabled:

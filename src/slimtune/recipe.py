@@ -384,7 +384,7 @@ RESULT_FIELDS = ("model", "data", "seq_len", "dtype", "criterion", "calib_batche
 FLAGS = {"quant.spec": "--quant", "quant.gguf_blocks": "--export"}  # settings whose flag is not --<field name>
 NEUTRAL = {"train.checkpoint_every", "train.compile"}  # compiled kernels compute the same step
 # options added later, with the value that computes what runs from before them computed
-ADDED = {"train.lora_plus_ratio": 1.0}
+ADDED = {"train.lora_plus_ratio": 1.0, "lora.ga_batches": 4, "lora.ga_gamma": 16.0, "train.lora_pro": False}
 
 
 def _flat(obj, prefix=""):

@@ -3,11 +3,12 @@
     W' = W0 + s·B·A,  B [out, r], A [r, in],  s = α/r  (rsLoRA: α/√r, arXiv 2312.03732)
     DoRA  (arXiv 2402.09353): W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row, m starts at ‖W0‖_row
     PiSSA (arXiv 2404.02948): s·B·A starts as the top-r SVD part of W0 and W0 becomes the residual
+    LoRA-GA (arXiv 2407.05000): A, B start along the SVD of the full gradient, W0 ← W0 − s·B₀·A₀ (loraga.py)
 
-`attach_lora` wraps the model in place (PiSSA also rewrites the base weights) and returns the
+`attach_lora` wraps the model in place (PiSSA and LoRA-GA also rewrite the base weights) and returns the
 `PeftModel`; only adapter parameters stay trainable. `lora_pairs` finds the LoRA layer of every
 adapted decoder projection through the arch spec, for criteria that read A, B and their gradients.
-PiSSA adapters must be saved with `save.save_initial_adapters` right after `attach_lora` (save.py).
+PiSSA and LoRA-GA adapters must be saved with `save.save_initial_adapters` right after `attach_lora` (save.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ..cli_gen import cli_help
 from ..errors import SlimtuneError
 from ..models.arch import ArchSpec, get_arch
 
-VARIANTS = ("lora", "rslora", "dora", "pissa")
+VARIANTS = ("lora", "rslora", "dora", "pissa", "lora_ga")
+MUTATING = ("pissa", "lora_ga")  # variants that rewrite the base weights at init
 
 
 @dataclass
@@ -33,8 +35,11 @@ class LoraSettings:
     )
     variant: str = field(
         default="lora",
-        metadata=cli_help("lora, rslora (scale alpha/sqrt(r)), dora (magnitude + direction), pissa (init from the top singular vectors)", choices=VARIANTS),
+        metadata=cli_help("lora, rslora (scale alpha/sqrt(r)), dora (magnitude + direction), pissa (init from the top singular vectors), "
+                          "lora_ga (init from the SVD of the full gradient on --lora-ga-batches batches)", choices=VARIANTS),
     )
+    ga_batches: int = field(default=4, metadata=cli_help("LoRA-GA: training batches whose mean full-weight gradient initialises the adapters"))
+    ga_gamma: float = field(default=16.0, metadata=cli_help("LoRA-GA: the stable scale's gamma; A and B start at d_out^(1/4)/sqrt(gamma) times unit vectors"))
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -45,6 +50,10 @@ class LoraSettings:
             raise SlimtuneError(f"LoRA alpha {self.alpha} must be positive; the usual choice is 2·r")
         if not 0.0 <= self.dropout < 1.0:
             raise SlimtuneError(f"LoRA dropout {self.dropout} is outside [0, 1); the usual choice is 0.05")
+        if int(self.ga_batches) != self.ga_batches or self.ga_batches < 1:
+            raise SlimtuneError(f"--lora-ga-batches {self.ga_batches} must be a positive integer; the paper's code uses 2 to 8")
+        if not self.ga_gamma > 0:
+            raise SlimtuneError(f"--lora-ga-gamma {self.ga_gamma} must be positive; the paper uses 16")
         if self.targets is not None and not list(self.targets):
             raise SlimtuneError("LoRA targets are empty; name modules such as q_proj,v_proj or leave the default")
 
@@ -64,8 +73,9 @@ def lora_targets(model: nn.Module, settings: LoraSettings) -> list[str]:
     return targets
 
 
-def attach_lora(model: nn.Module, settings: LoraSettings | None = None):
-    """Wrap `model` (in place) with a LoRA-family adapter; returns the `peft.PeftModel`."""
+def attach_lora(model: nn.Module, settings: LoraSettings | None = None, batches=None):
+    """Wrap `model` (in place) with a LoRA-family adapter; returns the `peft.PeftModel`.
+    LoRA-GA needs `batches`: an iterable of token-id batches [b, L] for its gradient."""
     from peft import LoraConfig, get_peft_model
 
     settings = settings or LoraSettings()
@@ -81,9 +91,15 @@ def attach_lora(model: nn.Module, settings: LoraSettings | None = None):
         use_dora=settings.variant == "dora",
         init_lora_weights="pissa" if settings.variant == "pissa" else True,
     )
+    if settings.variant == "lora_ga" and batches is None:
+        raise SlimtuneError("LoRA-GA initialises the adapters from gradients: pass batches of token ids to attach_lora")
     peft_model = get_peft_model(model, config)
     for name, p in peft_model.named_parameters():
         p.requires_grad_("lora_" in name)  # lora_A, lora_B and DoRA's lora_magnitude_vector
+    if settings.variant == "lora_ga":
+        from .loraga import loraga_init_
+
+        loraga_init_(peft_model, batches, settings.ga_gamma)
     return peft_model
 
 

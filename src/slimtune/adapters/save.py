@@ -23,6 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import SlimtuneError
+from .lora import MUTATING
 
 INITIAL_NAME = "pissa_init"  # PEFT loads the initial adapter under its folder's name: no dots allowed
 CONFIG = "adapter_config.json"
@@ -35,13 +36,13 @@ def _peft_configs(peft_model: nn.Module, caller: str) -> dict:
 
 
 def mutates_base(peft_model: nn.Module) -> bool:
-    """True when an adapter rewrote the base weights at init (PiSSA): saving it needs a conversion."""
+    """True when an adapter rewrote the base weights at init (PiSSA, LoRA-GA): saving it needs a conversion."""
     configs = _peft_configs(peft_model, "mutates_base")
-    return any(str(getattr(c, "init_lora_weights", "")).lower().startswith("pissa") for c in configs.values())
+    return any(str(getattr(c, "init_lora_weights", "")).lower().startswith(MUTATING) for c in configs.values())
 
 
 def save_initial_adapters(peft_model: nn.Module, directory) -> Path | None:
-    """Save the adapter as initialised (A₀, B₀) under `directory`/pissa_init for PiSSA and return that
+    """Save the adapter as initialised (A₀, B₀) under `directory`/pissa_init for PiSSA and LoRA-GA and return that
     folder; None (nothing written) for variants that leave the base weights alone. Call it right
     after `attach_lora`, before the first training step."""
     configs = _peft_configs(peft_model, "save_initial_adapters")
@@ -62,7 +63,7 @@ def save_initial_adapters(peft_model: nn.Module, directory) -> Path | None:
 def _initial_adapter(peft_model: nn.Module, initial_dir) -> Path:
     fix = "call save_initial_adapters(model, dir) right after attach_lora and pass its result as initial_dir"
     if initial_dir is None:
-        raise SlimtuneError(f"a PiSSA adapter can only be saved for the original base model with its initial state; {fix}")
+        raise SlimtuneError(f"a PiSSA or LoRA-GA adapter can only be saved for the original base model with its initial state; {fix}")
     folder = Path(initial_dir)
     if not (folder / CONFIG).is_file() and (folder / INITIAL_NAME / CONFIG).is_file():
         folder = folder / INITIAL_NAME  # the directory given to save_initial_adapters
@@ -97,7 +98,7 @@ def _record_base(path: Path, base_name: str) -> None:
 def save_adapters(peft_model: nn.Module, path, initial_dir=None, base_name: str | None = None) -> None:
     """Save the adapter alone (PEFT `save_pretrained`) so that it applies to the original base model.
 
-    PiSSA adapters are converted to plain LoRA with the initial adapter in `initial_dir` (what
+    PiSSA and LoRA-GA adapters are converted to plain LoRA with the initial adapter in `initial_dir` (what
     `save_initial_adapters` returned); other variants ignore it. `base_name` (e.g. a hub id) is
     recorded as the adapter's base model. Call it BEFORE `merge_keep_masks`: merging unloads the
     adapter, after which there is nothing left to save."""

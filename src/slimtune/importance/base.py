@@ -34,6 +34,22 @@ def projection_weights(model: nn.Module, spec: ArchSpec) -> Iterator[tuple[int, 
             yield i, path, base_weight(layer.get_submodule(path))
 
 
+def effective_weights(model: nn.Module, spec: ArchSpec) -> Iterator[tuple[int, str, torch.Tensor]]:
+    """(layer index, projection path, W) with W what the projection computes with: its base weight,
+    plus the active LoRA delta s·B·A when PEFT wraps it unmerged. With plain LoRA at init the delta
+    is 0, but PiSSA and LoRA-GA rewrite the base weight into a residual W − s·B₀A₀ when they attach,
+    so a criterion that read the base weight alone would score the residual."""
+    for i, layer in enumerate(spec.decoder_layers(model)):
+        for path in spec.projections():
+            module = layer.get_submodule(path)
+            w = base_weight(module).detach()
+            names = getattr(module, "active_adapters", None) or []
+            if (hasattr(module, "get_delta_weight") and names and names[0] in getattr(module, "lora_A", {})
+                    and not getattr(module, "merged", False) and not getattr(module, "disable_adapters", False)):
+                w = w.float() + module.get_delta_weight(names[0]).detach().float()
+            yield i, path, w
+
+
 GRANULARITIES = ("heads", "channels", "layers", "weights")
 
 

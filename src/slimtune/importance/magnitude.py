@@ -1,7 +1,8 @@
 """Magnitude importance: |w| (p=1) or w² (p=2) per weight.
 
 Han et al. 2015, "Learning both Weights and Connections for Efficient Neural Networks",
-arXiv 1506.02626. Scores the base weight only; a LoRA delta is not included until it is merged.
+arXiv 1506.02626. Scores the weight the projection computes with, base plus any unmerged LoRA delta
+(PiSSA and LoRA-GA move part of the weight into the adapter when they attach).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SlimtuneError
-from .base import ElementScores, Importance, projection_weights
+from .base import ElementScores, Importance, effective_weights
 
 
 class MagnitudeImportance(Importance):
@@ -25,7 +26,7 @@ class MagnitudeImportance(Importance):
     @torch.no_grad()
     def element_scores(self) -> ElementScores:
         out: ElementScores = {}
-        for i, path, w in projection_weights(self.model, self.spec):
+        for i, path, w in effective_weights(self.model, self.spec):
             w = w.detach().float()
             out.setdefault(i, {})[path] = w.abs() if self.p == 1 else w.square()
         return out

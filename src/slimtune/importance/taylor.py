@@ -34,7 +34,7 @@ import torch
 
 from ..errors import SlimtuneError
 from ..training.loss import causal_lm_loss
-from .base import ElementScores, Importance, projection_weights
+from .base import ElementScores, Importance, effective_weights, projection_weights
 
 VARIANTS = ("element1", "element2", "vector", "fisher")
 
@@ -99,8 +99,10 @@ class TaylorImportance(Importance):
         if not self.steps:
             raise RuntimeError("Taylor importance has no gradients yet; call update(model, batch) first")
         out: ElementScores = {}
-        for (i, path), w in self._weights.items():
-            w = w.detach().float()
+        # G is the gradient of the base weight, which for LoRA equals that of the weight the
+        # projection computes with (base + s·B·A); W must be that weight too (PiSSA, LoRA-GA)
+        for i, path, w in effective_weights(self.model, self.spec):
+            w = w.float()
             if self.variant == "fisher":  # zeros where the weight got no gradient
                 out.setdefault(i, {})[path] = self._grad_sq.get((i, path), torch.zeros_like(w)) * w.square()
                 continue

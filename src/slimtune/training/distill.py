@@ -16,7 +16,7 @@ soft term independent of T (ibid. §2). Both terms are means over predicted toke
 checkpointing, so neither model's full [tokens, vocab] logits ever exist.
 
 Caveats:
-- PiSSA rewrites the base weights into a residual, so with it the adapters-off model is NOT the
+- PiSSA and LoRA-GA rewrite the base weights into a residual, so with them the adapters-off model is NOT the
   pretrained model; `dense_teacher` refuses it.
 - `zero_pruned_weights` writes zeros into the base weights; it is for export only. Call it before
   training ends and the "dense" teacher is pruned too.
@@ -87,9 +87,11 @@ def _eval_mode(model: nn.Module):
             p.requires_grad_(was)
 
 
-def _uses_pissa(peft_model: nn.Module) -> bool:
+def _rewrites_base(peft_model: nn.Module) -> bool:
+    from ..adapters.lora import MUTATING
+
     configs = getattr(peft_model, "peft_config", {}) or {}
-    return any(str(getattr(c, "init_lora_weights", "")).lower().startswith("pissa") for c in configs.values())
+    return any(str(getattr(c, "init_lora_weights", "")).lower().startswith(MUTATING) for c in configs.values())
 
 
 def dense_teacher(peft_model: nn.Module, *handles) -> TeacherContext:
@@ -98,8 +100,8 @@ def dense_teacher(peft_model: nn.Module, *handles) -> TeacherContext:
     and in eval mode, so its forward is the dense pretrained model."""
     if not hasattr(peft_model, "disable_adapter"):
         raise SlimtuneError("--distill needs the PEFT model (with LoRA adapters attached) to switch the adapters off for the teacher; pass the PeftModel")
-    if _uses_pissa(peft_model):
-        raise SlimtuneError("--distill cannot use PiSSA: it rewrites the base weights, so no dense teacher is left; use --lora-variant lora, rslora or dora")
+    if _rewrites_base(peft_model):
+        raise SlimtuneError("--distill cannot use PiSSA or LoRA-GA: they rewrite the base weights, so no dense teacher is left; use --lora-variant lora, rslora or dora")
 
     @contextmanager
     def ctx():

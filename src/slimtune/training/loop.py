@@ -37,6 +37,7 @@ from . import distributed
 from .averaging import AveragingSettings, WeightAverager
 from .compile import compile_layers
 from .distill import DistillSettings, dense_teacher, distill_loss
+from .lora_pro import lora_pro_
 from .loss import causal_lm_loss
 from .lr_rule import RULES, global_batch, scaled_lr
 from .step import PruneStep
@@ -71,6 +72,9 @@ class TrainSettings:
     lora_plus_ratio: float = field(default=1.0, metadata=cli_help(
         "LoRA+ (Hayou et al. 2024): the LoRA B matrices (and 1-D adapter weights) learn this many times faster than A; "
         "the paper uses 16 with AdamW; 1 = plain LoRA"))
+    lora_pro: bool = field(default=False, metadata=cli_help(
+        "LoRA-Pro (Wang et al. 2024): replace the adapter gradients by the pair whose low-rank step best matches the full "
+        "fine-tuning gradient (efficient mode: AdamW state stays low-rank); not with DoRA"))
     compile: bool = field(default=False, metadata=cli_help("torch.compile each decoder layer for training (pays on a GPU, where kernel launches dominate; the first steps compile)"))
     checkpoint_every: int = field(default=10, metadata=cli_help("optimiser steps between resumable checkpoints (0 = none)"))
 
@@ -370,7 +374,9 @@ class Trainer:
             raise SlimtuneError(f"loss became {values['loss']} at step {self.step + 1}{where}")
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.max_grad_norm)
-        self.prune_step.before_optimizer(model)
+        self.prune_step.before_optimizer(model)  # the criterion reads the raw LoRA gradients
+        if s.lora_pro:
+            lora_pro_(model)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()

@@ -111,3 +111,23 @@ def interrupt_training_at(monkeypatch, n: int):
 
     monkeypatch.setattr(Trainer, "train_step", dying)
     return lambda: monkeypatch.setattr(Trainer, "train_step", real)
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__")
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Record every Python-level read of a tensor back to the host (the names in HOST_READS) in the
+    returned list until `monkeypatch.undo()`. C++-internal syncs (boolean indexing) are not seen."""
+    reads: list[str] = []
+
+    def counting(name, original):
+        def counted(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    return reads

@@ -77,7 +77,9 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["prune", "--preset", "huge"], "unknown preset"),
         (["prune", "--lora-plus-ratio", "0"], "--lora-plus-ratio must be a positive number, got 0.0; 16 is LoRA+'s choice"),
         (["prune", "--resume"], "nothing to resume"),
-        (["prune", "--lora-targets", "q_proj,v_proj"], "LoRAPrune cannot score channels"),
+        (["prune", "--lora-targets", "q_proj,v_proj"], "criterion 'loraprune' cannot score channels from LoRA gradients"),
+        (["prune", "--criterion", "seven", "--lora-targets", "q_proj,v_proj"], "criterion 'seven' cannot score channels"),
+        (["prune", "--criterion", "movement", "--ranking", "global"], "--ranking global cannot compare"),
         (["prune", "--criterion", "block_influence"], "cannot score channels (it scores layers)"),
         (["prune", "--sparsity", "0.5"], "sparsity 0.500 is not reachable with granularity channels"),
         (["prune", "--granularity", "nm", "--nm", "5:4"], "5:4 is invalid"),
@@ -92,6 +94,8 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["prune", "--distill", "--lora-variant", "pissa"], "--distill cannot use --lora-variant pissa"),
         (["prune", "--distill", "--lora-variant", "lora_ga"], "--distill cannot use --lora-variant lora_ga"),
         (["prune", "--lora-pro", "--lora-variant", "dora"], "--lora-pro matches the step of W0 + s·B·A, which DoRA renormalises"),
+        (["prune", "--criterion", "l0", "--lora-variant", "dora"], "--criterion l0 folds its gates"),
+        (["prune", "--criterion", "l0", "--granularity", "layers"], "criterion 'l0' cannot score layers"),
         (["prune", "--lora-variant", "lora_ga", "--lora-ga-batches", "0"], "--lora-ga-batches 0 must be a positive integer"),
         (["prune", "--quant", "w4g32", "--steps", "10"], "group size 32 does not divide the 72 input features of layer 0 self_attn.q_proj"),
         (["prune", "--quant", "w4x"], "cannot parse quantisation spec 'w4x'"),
@@ -222,14 +226,18 @@ def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, ca
     assert [json.loads(r)["step"] for r in log] == list(range(1, 7))  # the interrupted run's extra rows are gone
 
 
-def test_lora_ga_runs_end_to_end_and_resumes_exactly(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
-    """LoRA-GA initialises from gradients on its own batches: an interrupted run re-initialises
-    identically, and the saved adapter is a rank-2r LoRA of the original model."""
+@pytest.mark.parametrize("extra", [["--lora-variant", "lora_ga", "--lora-r", "4"], ["--lora-pro"],
+                                   ["--criterion", "l0", "--granularity", "heads,channels"]], ids=["lora_ga", "lora_pro", "l0"])
+def test_methods_with_state_resume_exactly(tmp_path, tiny_dir, text_file, capsys, monkeypatch, extra):
+    """LoRA-GA initialises from gradients on its own batches, LoRA-Pro rewrites the gradients, L0
+    trains gates and Lagrange multipliers with their own optimisers: an interrupted run must
+    continue exactly as the uninterrupted one."""
     common = ["prune", "--model", tiny_dir, "--data", text_file, "--sparsity", "0.2", "--steps", "4", "--batch-size", "2",
-              "--checkpoint-every", "2", "--prune-every", "1", "--no-eval", "--lora-variant", "lora_ga", "--lora-r", "4", *FAST]
+              "--checkpoint-every", "2", "--prune-every", "1", "--no-eval", *extra, *FAST]
     code, _, err = _run(capsys, *common, "--out", tmp_path / "full")
     assert code == 0, err
-    assert json.loads((tmp_path / "full" / "adapters" / "adapter_config.json").read_text())["r"] == 8
+    if "lora_ga" in extra:  # a rank-2r LoRA of the original model
+        assert json.loads((tmp_path / "full" / "adapters" / "adapter_config.json").read_text())["r"] == 8
     restore = interrupt_training_at(monkeypatch, 3)
     assert _run(capsys, *common, "--out", tmp_path / "resumed")[0] == 130
     restore()

@@ -16,6 +16,12 @@ ROWS = {
     "loraprune": (True, {"keep_elements": True}),
     "grad": (True, {"keep_elements": True}),
     "mask_fisher": (True, {}),
+    "loraprune_unc": (True, {"keep_elements": True}),
+    "l0": (True, {"init": 1.0}),  # gates trained by update(); at 5 most draws clamp to 1 in two steps
+    "movement": (True, {"keep_elements": True}),
+    "movement_grad": (True, {"keep_elements": True}),  # update() gives W0 its gradient itself
+    "seven": (True, {"keep_elements": True}),
+    "seven_grad": (True, {"keep_elements": True}),
     "taylor": (False, {}),
     "taylor2": (False, {}),
     "taylor_vector": (False, {}),
@@ -54,6 +60,10 @@ def test_scores_what_it_declares_and_refuses_the_rest(name):
         _check_layerwise(name, entry)
         return
     imp = make_importance(name, model, **overrides)
+    if hasattr(imp, "bind"):  # trained gates (l0): created for the pruner's units
+        from slimtune.pruning.pruner import PruneSettings, make_pruner
+
+        imp.bind(make_pruner(model, PruneSettings(granularity=",".join(sorted(entry.scores))), imp, total_steps=4))
     if entry.needs_data:
         for b in BATCHES:
             imp.update(model, b)

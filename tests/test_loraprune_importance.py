@@ -12,7 +12,7 @@ from slimtune.importance.base import projection_weights
 from slimtune.importance.loraprune import LoRAPruneImportance, enable_full_grad, lora_grad_estimate
 from slimtune.importance.reduce import unit_scores
 from slimtune.models.arch import get_arch
-from tests.conftest import tiny_model
+from tests.conftest import count_host_reads, tiny_model
 
 
 def lora_model(r=4, alpha=8.0, seed=0, dtype=torch.float32, random_b=True):
@@ -216,7 +216,6 @@ def test_state_dict_round_trip_resumes_exactly():
         LoRAPruneImportance(model, metric="magnitude").load_state_dict(a.state_dict())
 
 
-HOST_READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__")
 
 
 @pytest.mark.parametrize("keep_elements", [False, True])
@@ -226,17 +225,7 @@ def test_observe_reads_back_to_the_host_once_per_step(monkeypatch, keep_elements
     are not seen here; observe uses none)."""
     model = lora_model()
     imp = LoRAPruneImportance(model, keep_elements=keep_elements)
-    reads = []
-
-    def counting(name, original):
-        def counted(self, *args, **kwargs):
-            reads.append(name)
-            return original(self, *args, **kwargs)
-
-        return counted
-
-    for name in HOST_READS:
-        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    reads = count_host_reads(monkeypatch)
     for seed in (1, 2):
         backward(model, seed)
         reads.clear()

@@ -159,6 +159,11 @@ class _Run:
         return Path(self.work_dir) / "initial_adapter" if self.work_dir else None
 
 
+def _reads_weight_grad(config: MethodConfig) -> bool:
+    """The progressive criteria registered with metric="grad" (grad, movement_grad, seven_grad) read W0.grad."""
+    return config.mode == "progressive" and get_criterion(config.criterion).options.get("metric") == "grad"
+
+
 def _init_batches(model, config: MethodConfig, data):
     """LoRA-GA's gradient batches (None for the other variants): drawn like training batches, from
     their own seed, so that a resumed run re-initialises exactly as the interrupted one did."""
@@ -195,7 +200,7 @@ def _train(net, data, config: MethodConfig, importance, pruner, run: _Run) -> li
               f"(--lr {t.lr:g} at batch {t.lr_base_batch}, rule {t.lr_rule})"
               + (f", LoRA+ B at {t.lora_plus_ratio:g}x" if t.lora_plus_ratio != 1 else "") + f", {t.lr_schedule} decay"
               + (f", distillation T={config.distill.temperature} mix={config.distill.mix}" if config.distill.enabled else ""), file=sys.stderr)
-    if config.criterion == "grad":  # after the Trainer took its parameters: W0 gets .grad, is never trained
+    if _reads_weight_grad(config):  # after the Trainer took its parameters: W0 gets .grad, is never trained
         enable_full_grad(net)
     if run.resume and not trainer.load_checkpoint():
         raise SlimtuneError(f"nothing to resume: no checkpoint in {run.work_dir}; run without --resume")
@@ -251,6 +256,8 @@ def _progressive(model, config: LoRAPruneConfig, data, run: _Run) -> PruneResult
     net = _attach(model, config, run, data)
     importance = get_criterion(config.criterion).build(net, keep_elements=config.prune.weight_level)
     pruner = make_pruner(net, config.prune, importance, total_steps=config.steps)
+    if hasattr(importance, "bind"):  # a criterion with trained state (l0 gates) follows the pruner's units and schedule
+        importance.bind(pruner)
     history = _train(net, data, config, importance, pruner, run)
     return _finish(model, net, pruner, history, run, importance)
 
@@ -316,7 +323,9 @@ class PruneSession:
         self.model = _attach(model, config, self._run, data)
         self.importance = get_criterion(config.criterion).build(self.model, keep_elements=config.prune.weight_level)
         self.pruner = make_pruner(self.model, config.prune, self.importance, total_steps=total_steps)
-        if config.criterion == "grad":
+        if hasattr(self.importance, "loss_term"):
+            raise SlimtuneError(f"criterion '{config.criterion}' adds a term to the loss, which a transformers Trainer does not know; run it through slimtune.prune_ or the CLI")
+        if _reads_weight_grad(config):
             enable_full_grad(self.model)
         self.callback = PruneCallback(self.pruner, self.importance)
 

@@ -48,6 +48,7 @@ class MethodConfig(Sections):
         if entry.mode != self.mode:
             raise SlimtuneError(f"criterion '{self.criterion}' is {entry.mode.replace('_', '-')}; use {config_for(self.criterion).__name__} for it")
         entry.check_units(self.prune.units)  # before any model is loaded
+        entry.cls.check_settings(self)
         if self.distill.enabled and self.lora.variant in MUTATING:
             raise SlimtuneError(f"--distill cannot use --lora-variant {self.lora.variant}: it rewrites the base weights, so no dense teacher is left; "
                                 "use --lora-variant lora, rslora or dora")

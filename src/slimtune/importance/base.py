@@ -78,6 +78,11 @@ class Importance:
         """Before the model is wrapped: raise SlimtuneError when the LoRA `targets` (leaf names)
         leave `units` in the prunable `layers` unscorable. `options` are the registry's."""
 
+    @classmethod
+    def check_settings(cls, config) -> None:
+        """Raise SlimtuneError for method settings (a config.MethodConfig) this criterion cannot honour,
+        before any model is loaded."""
+
     def check_coverage(self, units: set[str], layers: list[int]) -> None:
         """Raise SlimtuneError when this instance cannot score `units` in the prunable `layers`."""
 

@@ -22,6 +22,15 @@ The state lives on the model's device (each layer's vectors next to its weights)
 reads nothing back to the host but one flag per step: whether all of the step's scores are
 finite. `unit_scores()`, `layer_scores()` and `state_dict()` return CPU copies.
 
+smoothing="uncertainty" (AdaLoRA, Zhang et al. 2023, arXiv 2303.10512 §3.3; PLATON, arXiv
+2206.12562) also tracks how much the step scores scatter around their EMA, and ranks by both:
+
+    Ī ← λ·Ī + (1−λ)·Î,    Ū ← λ₂·Ū + (1−λ₂)·|Î − Ī|,    score = Ī·Ū     (λ₂ = 0.85, AdaLoRA's)
+
+Ū is updated with the new Ī, as PEFT's AdaLoRA does. A unit whose importance is uncertain is kept
+a while longer. AdaLoRA applies this per weight and sums to its triplets; here it runs on the same
+unit vectors as the EMA (and per weight with keep_elements), so it costs one more vector per unit.
+
 metric:
     lora       Ĝ from the LoRA gradients (default)
     grad       the true W0.grad, the memory-hungry reference (see `enable_full_grad`)
@@ -49,6 +58,7 @@ from ..training.loss import causal_lm_loss
 from .base import ElementScores, Importance, projection_weights
 
 METRICS = ("lora", "grad", "magnitude")
+SMOOTHINGS = ("ema", "uncertainty")
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
@@ -104,7 +114,7 @@ def enable_full_grad(model: nn.Module, spec=None) -> Callable[[], None]:
     return restore
 
 
-def check_adapter_coverage(spec, adapted: set[tuple[int, str]], units: set[str], layers: list[int]) -> None:
+def check_adapter_coverage(spec, adapted: set[tuple[int, str]], units: set[str], layers: list[int], name: str = "loraprune") -> None:
     """Only adapted projections get a LoRA-gradient estimate. A unit none of whose projections
     carries an adapter would score 0 in every layer and be pruned by index: refuse that.
     `adapted` holds (layer, projection path) pairs; unstructured pruning needs every projection."""
@@ -117,7 +127,7 @@ def check_adapter_coverage(spec, adapted: set[tuple[int, str]], units: set[str],
             if (unit == "weights" and gap) or len(gap) == len(paths):
                 names = ",".join(p.rsplit(".", 1)[-1] for p in gap)
                 raise SlimtuneError(
-                    f"LoRAPrune cannot score {unit}: layer {i} has no LoRA adapter on {names}, so those scores would all be 0 "
+                    f"criterion '{name}' cannot score {unit} from LoRA gradients: layer {i} has no LoRA adapter on {names}, so those scores would all be 0 "
                     f"and units would go by index; add {names} to --lora-targets (default: all seven) or use another --granularity"
                 )
 
@@ -132,7 +142,7 @@ class LoRAPruneImportance(Importance):
         return options.get("metric", "lora") != "magnitude"
 
     def __init__(self, model, spec=None, metric: str = "lora", power: int = 1, beta: float = 0.9, keep_elements: bool = False,
-                 stack_mib: float = 0.0):
+                 stack_mib: float = 0.0, smoothing: str = "ema", beta2: float = 0.85):
         """stack_mib: how many MiB of fp32 weights one batched score computation may stack (see
         `_batches`). 0, the default, scores one projection at a time: the least memory, and on a
         CPU the fastest (SmolLM2, 2 cores: 0.12 s per observe against 0.47 s with 64 MiB stacks).
@@ -147,6 +157,11 @@ class LoRAPruneImportance(Importance):
             raise SlimtuneError(f"LoRAPrune power {power} is invalid; use 1 (|G·W|) or 2 ((G·W)²)")
         if not 0.0 <= beta < 1.0:
             raise SlimtuneError(f"LoRAPrune EMA factor {beta} is outside [0, 1); the paper uses 0.9")
+        if smoothing not in SMOOTHINGS:
+            raise SlimtuneError(f"unknown LoRAPrune smoothing '{smoothing}'; choose one of {', '.join(SMOOTHINGS)}")
+        if not 0.0 <= beta2 < 1.0:
+            raise SlimtuneError(f"LoRAPrune uncertainty factor {beta2} is outside [0, 1); AdaLoRA uses 0.85")
+        self.smoothing, self.beta2 = smoothing, beta2
         self.metric, self.power, self.beta, self.keep_elements = metric, power, beta, keep_elements
         self.needs_data = self.needs_data_for({"metric": metric})
         self._weights = {(i, path): w for i, path, w in projection_weights(model, self.spec)}
@@ -164,6 +179,9 @@ class LoRAPruneImportance(Importance):
         self.channels = [torch.zeros(g.intermediate, device=d) for g, d in zip(self.geometry, devices)]
         self.layer = torch.zeros(len(self.geometry), device=devices[0] if devices else None)
         self.elements: dict[tuple[int, str], torch.Tensor] = {}
+        # smoothing="uncertainty": Ū beside each EMA (same shapes)
+        self.unc = [torch.zeros_like(t) for t in (*self.heads, *self.channels, self.layer)] if smoothing == "uncertainty" else []
+        self.unc_elements: dict[tuple[int, str], torch.Tensor] = {}
         if not stack_mib >= 0:
             raise SlimtuneError(f"LoRAPrune stack_mib {stack_mib} must be 0 (one projection at a time) or a positive size in MiB")
         self.stack_bytes = int(stack_mib * 2**20)
@@ -173,11 +191,11 @@ class LoRAPruneImportance(Importance):
     def check_targets(cls, spec, num_layers: int, targets: set[str], units: set[str], layers: list[int], options: dict) -> None:
         if options.get("metric", "lora") == "lora":
             adapted = {(i, p) for i in range(num_layers) for p in spec.projections() if p.rsplit(".", 1)[-1] in targets}
-            check_adapter_coverage(spec, adapted, units, layers)
+            check_adapter_coverage(spec, adapted, units, layers, options.get("name", cls.name))
 
     def check_coverage(self, units: set[str], layers: list[int]) -> None:
         if self.metric == "lora":
-            check_adapter_coverage(self.spec, set(self._lora), units, layers)
+            check_adapter_coverage(self.spec, set(self._lora), units, layers, self.name)
 
     # ---- one step's scores ------------------------------------------------------------------
     def _keys(self) -> list[tuple[int, str]]:
@@ -337,13 +355,20 @@ class LoRAPruneImportance(Importance):
         emas, news = [*self.heads, *self.channels, self.layer], [*heads, *chans, layer]
         torch._foreach_mul_(emas, b)  # two launches for all layers; the same arithmetic as ema·b + (a·new)
         torch._foreach_add_(emas, torch._foreach_mul(news, a))
+        if self.unc:  # Ū ← λ₂·Ū + (1−λ₂)·|Î − Ī| with the new Ī
+            torch._foreach_mul_(self.unc, self.beta2)
+            torch._foreach_add_(self.unc, torch._foreach_mul(torch._foreach_abs(torch._foreach_sub(news, emas)), 1.0 - self.beta2))
         if self.keep_elements:  # second pass: recomputing beats holding every S until the finite check
             for key in self._keys():
                 s = self._element(key)
                 if s is None:
                     continue
                 ema = self.elements.setdefault(key, torch.zeros_like(s))
+                raw = s.clone() if self.smoothing == "uncertainty" else None
                 ema.mul_(b).add_(s.mul_(a))
+                if raw is not None:
+                    unc = self.unc_elements.setdefault(key, torch.zeros_like(raw))
+                    unc.mul_(self.beta2).add_(raw.sub_(ema).abs_().mul_(1.0 - self.beta2))
         self.steps += 1
         return True
 
@@ -364,21 +389,31 @@ class LoRAPruneImportance(Importance):
         return [p for m in self._lora.values() for p in lora_weights(m)]
 
     # ---- results ------------------------------------------------------------------------------
+    def _smoothed(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """The ranking scores: the EMAs, or Ī·Ū with smoothing="uncertainty"."""
+        n = len(self.heads)
+        emas = [*self.heads, *self.channels, self.layer]
+        if self.unc:
+            emas = [e * u for e, u in zip(emas, self.unc)]
+        return emas[:n], emas[n:2 * n], emas[-1]
+
     def unit_scores(self) -> list[dict]:
         """EMA scores [{"heads": [H], "channels": [I], "layer": float}] on the CPU, as reduce.unit_scores."""
-        layer = _cpu(self.layer)
+        heads, channels, layer = self._smoothed()
+        layer = _cpu(layer)
         return [
             {"heads": _cpu(h), "channels": _cpu(c), "layer": float(layer[i])}
-            for i, (h, c) in enumerate(zip(self.heads, self.channels))
+            for i, (h, c) in enumerate(zip(heads, channels))
         ]
 
     def layer_scores(self) -> torch.Tensor:
-        return _cpu(self.layer)
+        return _cpu(self._smoothed()[2])
 
     def element_scores(self) -> ElementScores:
         out: ElementScores = {}
         for (i, path), ema in self.elements.items():
-            out.setdefault(i, {})[path] = ema.clone()
+            unc = self.unc_elements.get((i, path))
+            out.setdefault(i, {})[path] = ema * unc if unc is not None else ema.clone()
         return out
 
     def state_dict(self) -> dict:
@@ -390,6 +425,9 @@ class LoRAPruneImportance(Importance):
             "channels": [_cpu(c) for c in self.channels],
             "layer": _cpu(self.layer),
             "elements": {f"{i}:{path}": _cpu(t) for (i, path), t in self.elements.items()},
+            "smoothing": self.smoothing,
+            "unc": [_cpu(t) for t in self.unc],
+            "unc_elements": {f"{i}:{path}": _cpu(t) for (i, path), t in self.unc_elements.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -398,10 +436,19 @@ class LoRAPruneImportance(Importance):
         self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
         for dst, src in zip((*self.heads, *self.channels, self.layer), (*state["heads"], *state["channels"], state["layer"])):
             dst.copy_(src)
-        self.elements = {}
-        for name, t in state["elements"].items():
+        if state.get("smoothing", "ema") != self.smoothing:
+            raise SlimtuneError(f"LoRAPrune state was smoothed with '{state.get('smoothing', 'ema')}', not '{self.smoothing}'; resume with the original criterion")
+        for dst, src in zip(self.unc, state.get("unc", [])):
+            dst.copy_(src)
+        self.elements = self._placed(state["elements"])
+        self.unc_elements = self._placed(state.get("unc_elements", {}))
+
+    def _placed(self, saved: dict) -> dict:
+        out = {}
+        for name, t in saved.items():
             i, path = name.split(":", 1)
-            self.elements[(int(i), path)] = t.to(self._weights[(int(i), path)].device, copy=True)
+            out[(int(i), path)] = t.to(self._weights[(int(i), path)].device, copy=True)
+        return out
 
     def remove(self) -> None:
-        self._weights, self._lora, self.elements = {}, {}, {}
+        self._weights, self._lora, self.elements, self.unc_elements = {}, {}, {}, {}

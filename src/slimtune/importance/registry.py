@@ -43,7 +43,7 @@ class Criterion:
 
     def check_targets(self, spec, num_layers: int, targets: set[str], units: set[str], layers: list[int]) -> None:
         """What the LoRA targets leave unscorable, before any adapter is attached (see Importance)."""
-        self.cls.check_targets(spec, num_layers, targets, units, layers, self.options)
+        self.cls.check_targets(spec, num_layers, targets, units, layers, {"name": self.name, **self.options})
 
     def check_units(self, units: Iterable[str]) -> None:
         """Refuse granularities this criterion cannot score (one line, before any work)."""

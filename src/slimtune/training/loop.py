@@ -167,7 +167,7 @@ class Trainer:
         self.history: list[dict] = []
         # the dense teacher is this same model with adapters off and masks open: no second copy
         self.distill = distill if distill is not None and distill.enabled else None
-        self.teacher = dense_teacher(model, getattr(pruner, "gates", None), quant) if self.distill else None
+        self.teacher = dense_teacher(model, getattr(pruner, "gates", None), quant, getattr(importance, "handles", None)) if self.distill else None
         self.averager = WeightAverager(self.params, averaging, settings.steps) if averaging is not None and averaging.enabled else None
         self.log = Path(checkpoint_dir) / LOG if checkpoint_dir else None
         self.events = StepWriter(checkpoint_dir, enabled=self.world.main)  # TensorBoard, when installed
@@ -344,9 +344,19 @@ class Trainer:
     # ---- loop -------------------------------------------------------------------------
     def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.teacher is None:
-            return causal_lm_loss(self.model, batch), {}
-        total, lm, kl = distill_loss(self.model, batch, self.teacher, self.distill)
-        return total, {"lm_loss": lm.detach(), "kl": kl.detach()}
+            total, parts = causal_lm_loss(self.model, batch), {}
+        else:
+            total, lm, kl = distill_loss(self.model, batch, self.teacher, self.distill)
+            parts = {"lm_loss": lm.detach(), "kl": kl.detach()}
+        importance = self.prune_step.importance
+        if importance is not None and hasattr(importance, "loss_term"):  # e.g. the L0 gates' Lagrangian
+            term = importance.loss_term()
+            parts.setdefault("lm_loss", total.detach())
+            parts["penalty"] = term.detach()
+            if hasattr(importance, "last_expected"):
+                parts["gate_sparsity"] = importance.last_expected
+            total = total + term
+        return total, parts
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step; returns this step's mean loss (and its parts). Syncs with the device once."""

@@ -142,13 +142,20 @@ def _apply_umask(root: Path) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write_with(path, lambda fh: fh.write(data))
+
+
+def atomic_write_with(path: str | os.PathLike, write) -> Path:
+    """Call `write(fh)` on a temporary file next to `path`, then rename it over `path`: a reader (or a
+    crash) sees the old file or the whole new one. Streaming into the file (e.g. `torch.save(obj, fh)`)
+    avoids holding a serialised copy in memory."""
     path = check_writable_parent(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                write(fh)
                 fh.flush()
                 os.fchmod(fh.fileno(), 0o666 & ~_umask())
                 os.fsync(fh.fileno())

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..errors import SlimtuneError
 from ..masking.handles import Pausable
+from ..masking.plan import unit_costs
 from ..models.arch import base_weight, own_params, unwrap
 from .base import Importance
 from .hard_concrete import BETA, prob_open, rank_score, sample, test_gate
@@ -82,15 +83,13 @@ class L0Importance(Importance):
         model, spec, masks = self.model, self.spec, pruner.masks
         if any("lora_magnitude_vector" in n for n, _ in model.named_parameters()):
             raise SlimtuneError("--criterion l0 cannot fold its gates into DoRA adapters; use --lora-variant lora or rslora")
-        from ..pruning.selection import _costs
-
         gran = pruner.settings.gran
         self.masks, self.kinds = masks, [k for k in ("heads", "channels") if getattr(gran, k)]
         layers = spec.decoder_layers(model)
         self.total = float(sum(own_params(layer) for layer in layers))
         self.cost: dict[tuple[str, int], tuple[float, ...]] = {}  # heads: (per query head, per KV head); channels: (per channel,)
         for i in pruner.prunable:
-            g, c = masks.geometry[i], _costs(masks, layers[i], i)
+            g, c = masks.geometry[i], unit_costs(masks, layers[i], i)
             device = base_weight(layers[i].get_submodule(spec.o)).device
             if "heads" in self.kinds:
                 self.cost[("heads", i)] = (float(c["q_head"]), float(c["kv"]))

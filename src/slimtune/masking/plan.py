@@ -68,6 +68,16 @@ def removal_cost(module: nn.Module, rows: int = 0, cols: int = 0) -> int:
     return linear_params(module) - linear_params(module, out_f - rows, in_f - cols)
 
 
+def unit_costs(masks: StructuredMasks, layer: nn.Module, i: int) -> dict[str, int]:
+    """Parameters freed in layer i by removing one query head ("q_head": its q rows and o columns),
+    one KV head ("kv": its k and v rows), one MLP channel ("channel") or the whole layer ("layer")."""
+    spec, hd = masks.spec, masks.geometry[i].head_dim
+    q_head = removal_cost(layer.get_submodule(spec.q), rows=hd) + removal_cost(layer.get_submodule(spec.o), cols=hd)
+    kv = removal_cost(layer.get_submodule(spec.k), rows=hd) + removal_cost(layer.get_submodule(spec.v), rows=hd)
+    channel = sum(removal_cost(layer.get_submodule(p), rows=1) for p in spec.mlp_in) + removal_cost(layer.get_submodule(spec.mlp_out), cols=1)
+    return {"q_head": q_head, "kv": kv, "channel": channel, "layer": own_params(layer)}
+
+
 def _slices(spec, plan: LayerPlan) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Module path -> (kept output rows, kept input columns); None means keep all."""
     rows = {spec.q: plan.head_rows(), spec.k: plan.kv_rows(), spec.v: plan.kv_rows()}

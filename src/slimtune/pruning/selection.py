@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimtuneError, check_sparsity
-from ..masking.plan import decoder_param_count, removal_cost
+from ..masking.plan import decoder_param_count, unit_costs
 from ..masking.structured import StructuredMasks
 from ..models.arch import own_params
 from .granularity import Granularity
@@ -41,15 +41,6 @@ def default_excluded_layers(num_layers: int) -> set[int]:
     """LoRAPrune's default: never prune the first int(0.1 L) layers nor the last one. At least the
     first layer is kept even when 10% rounds to none (a 4-layer model)."""
     return set(range(max(1, int(0.1 * num_layers)))) | {num_layers - 1}
-
-
-def _costs(masks: StructuredMasks, layer: nn.Module, i: int) -> dict[str, int]:
-    spec, g = masks.spec, masks.geometry[i]
-    hd = g.head_dim
-    q_head = removal_cost(layer.get_submodule(spec.q), rows=hd) + removal_cost(layer.get_submodule(spec.o), cols=hd)
-    kv = removal_cost(layer.get_submodule(spec.k), rows=hd) + removal_cost(layer.get_submodule(spec.v), rows=hd)
-    channel = sum(removal_cost(layer.get_submodule(p), rows=1) for p in spec.mlp_in) + removal_cost(layer.get_submodule(spec.mlp_out), cols=1)
-    return {"q_head": q_head, "kv": kv, "channel": channel, "layer": own_params(layer)}
 
 
 def _head_queue(masks, i, scores, costs, head_mode) -> list[Candidate]:
@@ -189,7 +180,7 @@ def select(
     budget = sparsity * total
     costs = {}
     for i, layer in enumerate(layers):
-        costs[i] = _costs(masks, layer, i)
+        costs[i] = unit_costs(masks, layer, i)
         g = masks.geometry[i]
         costs[i]["attention"] = g.num_heads * costs[i]["q_head"] + g.num_kv_heads * costs[i]["kv"]
         costs[i]["mlp"] = g.intermediate * costs[i]["channel"]

@@ -223,21 +223,33 @@ class LoRAPruneImportance(Importance):
         s = w.abs_() if self.metric == "magnitude" else w.mul_(g).abs_()
         return s.square_() if self.power == 2 else s
 
-    def _unit_parts(self, i: int, path: str, s: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The l2-normalised head [n, H] and channel [n, I] vectors of n same-shaped projections'
-        element scores s [n, out, in] (layer i's geometry): reduce.head_scores / channel_scores, on
-        the device. A unit is a set of rows (q/k/v/gate/up) or columns (o/down); their sums are all
-        it needs, and normalisation is per projection, i.e. per row of the result."""
+    def _unit_sums(self, i: int, path: str, s: torch.Tensor) -> torch.Tensor | None:
+        """Per-unit sums [n, U] of n same-shaped projections' element scores s [n, out, in] (layer i's
+        geometry): query heads of q (rows) and o (columns), KV heads of k and v (rows), channels of
+        gate/up (rows) and down (columns). A unit is a set of rows or columns; their sums are all it needs."""
         spec, g, n = self.spec, self.geometry[i], s.shape[0]
-        v = s.sum(dim=1 if path in (spec.o, spec.mlp_out) else 2).float()  # [n, in] column or [n, out] row sums
+        v = s.sum(dim=1 if path in (spec.o, spec.mlp_out) else 2)  # [n, in] column or [n, out] row sums
         if path in (spec.q, spec.o):
-            return _l2_rows(v.reshape(n, g.num_heads, g.head_dim).sum(dim=2)), None
+            return v.reshape(n, g.num_heads, g.head_dim).sum(dim=2)
         if path in (spec.k, spec.v):
-            kv = _l2_rows(v.reshape(n, g.num_kv_heads, g.head_dim).sum(dim=2))
-            return kv.repeat_interleave(g.group_size, dim=1) / g.group_size, None
+            return v.reshape(n, g.num_kv_heads, g.head_dim).sum(dim=2)
         if path in (*spec.mlp_in, spec.mlp_out):
-            return None, _l2_rows(v)
-        return None, None
+            return v
+        return None
+
+    def _unit_parts(self, i: int, path: str, s: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The l2-normalised head [n, H] and channel [n, I] vectors of `_unit_sums`: reduce.head_scores /
+        channel_scores, on the device. Normalisation is per projection, i.e. per row of the result."""
+        spec, g = self.spec, self.geometry[i]
+        v = self._unit_sums(i, path, s)
+        if v is None:
+            return None, None
+        v = _l2_rows(v.float())
+        if path in (spec.q, spec.o):
+            return v, None
+        if path in (spec.k, spec.v):
+            return v.repeat_interleave(g.group_size, dim=1) / g.group_size, None
+        return None, v
 
     def _step_units(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """This step's unit vectors, computed where the weights are: no host sync."""
@@ -304,24 +316,33 @@ class LoRAPruneImportance(Importance):
     def _stack(self, tensors) -> torch.Tensor:
         return _fp32(torch.stack([t.detach() for t in tensors]))
 
-    def _stacked_elements(self, keys) -> torch.Tensor:
-        """S for the projections `keys` as one [n, out, in] tensor: `_element`, batched."""
+    def _gradient_and_weight(self, keys) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """G (Ĝ, or W0.grad with metric="grad"; None with "magnitude") and W = W0 + s·B·A of the
+        same-shaped projections `keys`, each [n, out, in], at least fp32: fresh tensors the caller may
+        overwrite (W0 is never touched)."""
         w0s = [self._weights[k] for k in keys]
         loras = [self._lora.get(k) for k in keys]
-        w = self._stack(w0s)  # a copy: the in-place ops below never touch W0
+        w = self._stack(w0s)
         if loras[0] is not None:
             A = self._stack([lora_weights(m)[0] for m in loras])  # [n, r, in]
             B = self._stack([lora_weights(m)[1] for m in loras])  # [n, out, r]
             w.baddbmm_(B, A, alpha=scaling(loras[0]))  # W0 + s·B·A
-        if self.metric == "lora":
-            gA = self._stack([lora_weights(m)[0].grad for m in loras])
-            gB = self._stack([lora_weights(m)[1].grad for m in loras])
-            g = torch.bmm(gB, A)
-            g.baddbmm_(B, gA)
-            g.baddbmm_(gB, gA, alpha=-1.0)
+        if self.metric == "grad":
+            return self._stack([w0.grad for w0 in w0s]), w
+        if self.metric != "lora":
+            return None, w
+        gA = self._stack([lora_weights(m)[0].grad for m in loras])
+        gB = self._stack([lora_weights(m)[1].grad for m in loras])
+        g = torch.bmm(gB, A)  # Ĝ = G_B·A + B·G_A − G_B·G_A
+        g.baddbmm_(B, gA)
+        g.baddbmm_(gB, gA, alpha=-1.0)
+        return g, w
+
+    def _stacked_elements(self, keys) -> torch.Tensor:
+        """S for the projections `keys` as one [n, out, in] tensor: `_element`, batched."""
+        g, w = self._gradient_and_weight(keys)
+        if g is not None:
             w.mul_(g)
-        elif self.metric == "grad":
-            w.mul_(self._stack([w0.grad for w0 in w0s]))
         w.abs_()
         return w.square_() if self.power == 2 else w
 

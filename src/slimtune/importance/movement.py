@@ -32,15 +32,16 @@ Memory: one small vector per projection (its heads, KV heads or channels) and on
 `keep_elements=True` (unstructured or N:M) also keeps the element-level S_T: one fp32 weight-sized
 tensor per adapted projection, as LoRAPrune's element EMA.
 
-`CumulativeImportance` is the machinery shared with SEVEN (seven.py): gradient and weight per
-projection, the finite check, the cumulative unit sums, read-out and state.
+`CumulativeImportance` is the machinery shared with SEVEN (seven.py): the finite check, the
+cumulative unit sums, read-out and state. Gradient and weight per projection, and the per-unit sums,
+come from LoRAPruneImportance (`_gradient_and_weight`, `_unit_sums`), which scores with the same ones.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..adapters.lora import lora_weights, scaling
+from ..adapters.lora import lora_weights
 from ..errors import SlimtuneError
 from .base import ElementScores
 from .loraprune import LoRAPruneImportance, _cpu, enable_full_grad
@@ -90,36 +91,6 @@ class CumulativeImportance(LoRAPruneImportance):
         if self.metric == "grad":
             return [self._weights[k].grad for k in keys]
         return [p.grad for k in keys for p in lora_weights(self._lora[k])]
-
-    def _gradient_and_weight(self, keys: list[Key]) -> tuple[torch.Tensor, torch.Tensor]:
-        """G (Ĝ or W0.grad) and W = W0 + s·B·A of the projections `keys`, each [n, out, in]."""
-        loras = [self._lora.get(k) for k in keys]
-        w = self._stack([self._weights[k] for k in keys])  # a copy: W0 is never touched
-        if loras[0] is not None:
-            A = self._stack([lora_weights(m)[0] for m in loras])  # [n, r, in]
-            B = self._stack([lora_weights(m)[1] for m in loras])  # [n, out, r]
-            w.baddbmm_(B, A, alpha=scaling(loras[0]))
-        if self.metric == "grad":
-            return self._stack([self._weights[k].grad for k in keys]), w
-        gA = self._stack([lora_weights(m)[0].grad for m in loras])
-        gB = self._stack([lora_weights(m)[1].grad for m in loras])
-        g = torch.bmm(gB, A)  # Ĝ = G_B·A + B·G_A − G_B·G_A
-        g.baddbmm_(B, gA)
-        g.baddbmm_(gB, gA, alpha=-1.0)
-        return g, w
-
-    def _unit_sums(self, i: int, path: str, s: torch.Tensor) -> torch.Tensor | None:
-        """Per-unit sums [n, U] of n same-shaped projections' scores s [n, out, in]: query heads of
-        q (rows) and o (columns), KV heads of k and v (rows), channels of gate/up (rows) and down (columns)."""
-        spec, g, n = self.spec, self.geometry[i], s.shape[0]
-        v = s.sum(dim=1 if path in (spec.o, spec.mlp_out) else 2)  # [n, in] column or [n, out] row sums
-        if path in (spec.q, spec.o):
-            return v.reshape(n, g.num_heads, g.head_dim).sum(dim=2)
-        if path in (spec.k, spec.v):
-            return v.reshape(n, g.num_kv_heads, g.head_dim).sum(dim=2)
-        if path in (*spec.mlp_in, spec.mlp_out):
-            return v
-        return None
 
     @staticmethod
     def _add(store: dict[Key, torch.Tensor], keys: list[Key], rows: torch.Tensor) -> None:

@@ -106,7 +106,3 @@ def loraga_init_(peft_model: nn.Module, batches: Iterable[torch.Tensor], gamma: 
         w.copy_((w.to(up) - scaling(m) * (B.to(up) @ A.to(up))).to(w.dtype))
     for config in peft_model.peft_config.values():
         config.init_lora_weights = INIT_NAME
-
-
-def uses_loraga(peft_model: nn.Module) -> bool:
-    return any(str(getattr(c, "init_lora_weights", "")) == INIT_NAME for c in getattr(peft_model, "peft_config", {}).values())

@@ -37,9 +37,11 @@ import torch
 from torch import nn
 
 from ..errors import SlimtuneError
+from ..masking.gates import DeviceCopy
 from ..masking.handles import Pausable
 from ..masking.plan import unit_costs
 from ..models.arch import base_weight, own_params, unwrap
+from ..training.loss import causal_lm_loss
 from .base import Importance
 from .hard_concrete import BETA, prob_open, rank_score, sample, test_gate
 from .loraprune import all_finite
@@ -66,6 +68,7 @@ class L0Importance(Importance):
         self.handles = Pausable()
         self._hooks: list = []
         self._z: dict[tuple[str, int], torch.Tensor] = {}
+        self._on_device: dict[tuple[str, int], DeviceCopy] = {}
         self.masks = None
 
     @classmethod
@@ -146,8 +149,9 @@ class L0Importance(Importance):
 
     # ---- the Lagrangian ----------------------------------------------------------------------
     def _alive(self, kind: str, i: int) -> torch.Tensor:
+        """The unit mask next to the gates, copied again only when the pruner changed it."""
         m = self.masks.heads(i) if kind == "heads" else self.masks.channels(i)
-        return m.to(self.alpha[(kind, i)].device, torch.float32)
+        return self._on_device.setdefault((kind, i), DeviceCopy()).get(m, self.alpha[(kind, i)])
 
     def expected_sparsity(self) -> torch.Tensor:
         """ŝ: the expected fraction of decoder parameters removed. Units already removed count as
@@ -179,8 +183,6 @@ class L0Importance(Importance):
     def update(self, model, batch: torch.LongTensor) -> None:
         """Outside a training loop: one forward (training mode, gates drawn) and backward of the LM
         loss plus `loss_term()` on `batch` [b, L], then the gates' step. Other gradients are dropped."""
-        from ..training.loss import causal_lm_loss
-
         was = model.training
         model.train()
         try:

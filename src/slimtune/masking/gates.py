@@ -9,7 +9,7 @@ only flatten the attention pattern, not remove the head's output.
 The hooks never read a mask on the host: a gate of ones multiplies exactly, and the layer gate
 selects with `torch.where`. Reading gates to skip that work cost three device-to-host syncs per
 decoder layer per forward on a GPU, each of which drains the queue of kernels behind it. Nor do
-they copy the masks (kept on the CPU) to the GPU in every forward: `_OnDevice` keeps each gate's
+they copy the masks (kept on the CPU) to the GPU in every forward: `DeviceCopy` keeps each gate's
 device copy until its mask changes. Write masks in place (`set`, `copy_`) or replace the buffer;
 a write through `.data` bypasses the version counter and would go unseen.
 """
@@ -74,7 +74,7 @@ def check_gated(masks: StructuredMasks, handles: GateHandles) -> None:
 
 
 def _input_gate(masks: StructuredMasks, kind: str, i: int, repeat: int, state: GateHandles):
-    here = _OnDevice()
+    here = DeviceCopy()
 
     @torch.compiler.disable  # eager under --compile: traced, the layer index `i` would recompile every layer
     def hook(module, args):
@@ -87,7 +87,7 @@ def _input_gate(masks: StructuredMasks, kind: str, i: int, repeat: int, state: G
 
 
 def _layer_gate(masks: StructuredMasks, i: int, state: GateHandles):
-    here = _OnDevice()
+    here = DeviceCopy()
 
     @torch.compiler.disable
     def hook(module, args, kwargs, output):
@@ -103,8 +103,9 @@ def _layer_gate(masks: StructuredMasks, i: int, state: GateHandles):
     return hook
 
 
-class _OnDevice:
-    """A gate as the activations need it (their device and dtype, head gates repeated over head_dim),
+class DeviceCopy:
+    """A mask as its consumer needs it: for a gate, on the activations' device and dtype, head gates
+    repeated over head_dim (l0.py keeps one per gate's live-unit mask for the same reason),
     made again only when the mask changed: the masks live on the CPU, and copying one to a GPU in
     every forward is a synchronising host-to-device copy per gate, three per decoder layer. A change
     is seen by the tensor's identity (a buffer replaced, e.g. by `.to()`) and its version counter

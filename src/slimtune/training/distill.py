@@ -87,20 +87,15 @@ def _eval_mode(model: nn.Module):
             p.requires_grad_(was)
 
 
-def _rewrites_base(peft_model: nn.Module) -> bool:
-    from ..adapters.lora import MUTATING
-
-    configs = getattr(peft_model, "peft_config", {}) or {}
-    return any(str(getattr(c, "init_lora_weights", "")).lower().startswith(MUTATING) for c in configs.values())
-
-
 def dense_teacher(peft_model: nn.Module, *handles) -> TeacherContext:
     """The `teacher_ctx` for `distill_loss`: a callable whose context runs `peft_model` with its
     adapters disabled, every mask in `handles` opened (gates / weight-mask handles, None skipped)
     and in eval mode, so its forward is the dense pretrained model."""
     if not hasattr(peft_model, "disable_adapter"):
         raise SlimtuneError("--distill needs the PEFT model (with LoRA adapters attached) to switch the adapters off for the teacher; pass the PeftModel")
-    if _rewrites_base(peft_model):
+    from ..adapters.save import mutates_base
+
+    if mutates_base(peft_model):
         raise SlimtuneError("--distill cannot use PiSSA or LoRA-GA: they rewrite the base weights, so no dense teacher is left; use --lora-variant lora, rslora or dora")
 
     @contextmanager

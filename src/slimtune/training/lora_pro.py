@@ -51,10 +51,11 @@ def equivalent_gradients(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB:
     the Sylvester solution. Computed in at least fp32."""
     up = torch.promote_types(A.dtype, torch.float32)
     A, B, gA, gB = (t.detach().to(up) for t in (A, B, gA, gB))
-    BtB_inv, AAt_inv = _inv(B.T @ B), _inv(A @ A.T)
+    BtB, AAt = B.T @ B, A @ A.T
+    BtB_inv, AAt_inv = _inv(BtB), _inv(AAt)
     c = 1.0 / (s * s)
     if X is None:
-        X = sylvester(B.T @ B, A @ A.T, -c * BtB_inv @ gA @ A.T)
+        X = sylvester(BtB, AAt, -c * BtB_inv @ gA @ A.T)
     new_A = c * BtB_inv @ gA + X @ A
     new_B = c * (gB - B @ (BtB_inv @ (B.T @ gB))) @ AAt_inv - B @ X
     return new_A, new_B, X

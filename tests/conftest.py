@@ -131,3 +131,18 @@ def count_host_reads(monkeypatch) -> list[str]:
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
     return reads
+
+
+# ---- small CLI runs --------------------------------------------------------------------------------
+FAST_CLI = ["--seq-len", "16", "--eval-windows", "2", "--latency-seq-len", "8", "--latency-repeats", "1", "--decode-tokens", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    """(model dir, corpus file): a 4-layer tiny Llama with a byte tokenizer, and 60 short paragraphs."""
+    root = tmp_path_factory.mktemp("cli")
+    tiny_model("llama", num_hidden_layers=4, vocab_size=96).save_pretrained(root / "tiny")
+    ByteTokenizerFactory.make(96).save_pretrained(root / "tiny")
+    paras = [f"Paragraph {i} talks about topic {i % 7} with some words and numbers {i * 13}." * 3 for i in range(60)]
+    (root / "corpus.txt").write_text("\n\n".join(paras))
+    return root / "tiny", root / "corpus.txt"

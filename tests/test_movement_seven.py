@@ -16,7 +16,7 @@ from slimtune.importance.base import projection_weights
 from slimtune.importance.loraprune import enable_full_grad
 from slimtune.importance.reduce import unit_scores
 from slimtune.models.arch import get_arch
-from tests.conftest import ByteTokenizerFactory, count_host_reads, interrupt_training_at, tiny_model
+from tests.conftest import FAST_CLI, count_host_reads, interrupt_training_at, tiny_model
 
 CLASSES = {"movement": MovementImportance, "seven": SevenImportance}
 
@@ -318,17 +318,7 @@ def test_observe_reads_back_to_the_host_once_per_step(monkeypatch, name):
 
 
 # ---- the CLI end to end ---------------------------------------------------------------------------
-FAST = ["--seq-len", "16", "--eval-windows", "2", "--latency-seq-len", "8", "--latency-repeats", "1", "--decode-tokens", "2", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def cli_inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    tiny_model("llama", num_hidden_layers=4, vocab_size=96).save_pretrained(root / "tiny")
-    ByteTokenizerFactory.make(96).save_pretrained(root / "tiny")
-    paras = [f"Paragraph {i} talks about topic {i % 7} with some words and numbers {i * 13}." * 3 for i in range(60)]
-    (root / "corpus.txt").write_text("\n\n".join(paras))
-    return root / "tiny", root / "corpus.txt"
+FAST = FAST_CLI
 
 
 def prune_cli(capsys, inputs, out, *args):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import attach_lora, merge_keep_masks
+from .adapters.adalora import init_rank
 from .adapters.lora import lora_targets
 from .config import LayerwiseConfig, LoRAPruneConfig, MethodConfig, OneShotConfig
 from .data import batch_at
@@ -177,7 +178,7 @@ def _init_batches(model, config: MethodConfig, data):
 
 def _attach(model, config: MethodConfig, run: _Run, data=None):
     torch.manual_seed(config.train.seed)  # LoRA init, dropout: a rerun (or --resume) with the same seed is identical
-    net = attach_lora(model, config.lora, _init_batches(model, config, data))
+    net = attach_lora(model, config.lora, _init_batches(model, config, data), steps=config.steps)
     if run.initial_dir is not None and is_main():
         from .adapters import save_initial_adapters
 
@@ -199,7 +200,8 @@ def _train(net, data, config: MethodConfig, importance, pruner, run: _Run) -> li
         print(f"[slimtune] {settings.steps} steps, global batch {t.global_batch(trainer.world.size)} x {data.shape[1]} tokens, lr {trainer.lr:.3g} "
               f"(--lr {t.lr:g} at batch {t.lr_base_batch}, rule {t.lr_rule})"
               + (f", LoRA+ B at {t.lora_plus_ratio:g}x" if t.lora_plus_ratio != 1 else "") + f", {t.lr_schedule} decay"
-              + (f", distillation T={config.distill.temperature} mix={config.distill.mix}" if config.distill.enabled else ""), file=sys.stderr)
+              + (f", distillation T={config.distill.temperature} mix={config.distill.mix}" if config.distill.enabled else "")
+              + (f", AdaLoRA rank {init_rank(config.lora)} -> {config.lora.r} on average" if trainer.adalora is not None else ""), file=sys.stderr)
     if _reads_weight_grad(config):  # after the Trainer took its parameters: W0 gets .grad, is never trained
         enable_full_grad(net)
     if run.resume and not trainer.load_checkpoint():
@@ -209,6 +211,11 @@ def _train(net, data, config: MethodConfig, importance, pruner, run: _Run) -> li
     run.train_memory = memory
     if trainer.averager is not None and config.averaging.export != "last":
         trainer.averager.apply_to(config.averaging.export)  # these weights are merged and exported
+    if trainer.adalora is not None:
+        trainer.adalora.finalize()  # an average blends cut triplets back in: cut them again
+        if run.progress and trainer.world.main:
+            kept, total = trainer.adalora.kept()
+            print(f"[slimtune] AdaLoRA kept {kept} of {total} rank-1 triplets", file=sys.stderr)
     return history
 
 
@@ -316,6 +323,9 @@ class PruneSession:
             raise SlimtuneError(f"PruneSession runs progressive methods (LoRAPruneConfig); for {type(config).__name__} call prune_")
         if config.quant.enabled:
             raise SlimtuneError("PruneSession does not run quantisation-aware training yet; call slimtune.prune_ with --quant settings, or drop them")
+        if config.lora.variant == "adalora":
+            raise SlimtuneError("AdaLoRA adds an orthogonality term to the loss and reallocates ranks after every step, which a transformers "
+                                "Trainer callback cannot do; run it through slimtune.prune_ or the CLI, or use another --lora-variant")
         check_config(model, config)
         self._base, self.config = model, config
         # PiSSA converts its adapter against the initial one at save time: keep that in a temp dir

@@ -52,8 +52,9 @@ class MethodConfig(Sections):
         if self.distill.enabled and self.lora.variant in MUTATING:
             raise SlimtuneError(f"--distill cannot use --lora-variant {self.lora.variant}: it rewrites the base weights, so no dense teacher is left; "
                                 "use --lora-variant lora, rslora or dora")
-        if self.train.lora_pro and self.lora.variant == "dora":
-            raise SlimtuneError("--lora-pro matches the step of W0 + s·B·A, which DoRA renormalises; use --lora-variant lora, rslora, pissa or lora_ga")
+        if self.train.lora_pro and self.lora.variant in ("dora", "adalora"):
+            why = "DoRA renormalises" if self.lora.variant == "dora" else "AdaLoRA factors into three (P·diag(λ)·Q)"
+            raise SlimtuneError(f"--lora-pro matches the step of W0 + s·B·A, which {why}; use --lora-variant lora, rslora, pissa or lora_ga")
         if self.prune.weight_level and self.lora.variant == "dora" and self.uses_lora:
             raise SlimtuneError("unstructured and N:M masks act on the merged weight, which DoRA renormalises; use --lora-variant lora, rslora or pissa")
         if self.quant.enabled:
@@ -86,6 +87,9 @@ class MethodConfig(Sections):
             raise SlimtuneError("--quant trains the quantisers with the LoRA adapters, but --recover-steps 0 leaves no training; pass --recover-steps N or drop --quant")
         if self.lora.variant == "dora":
             raise SlimtuneError("--quant fake-quantises the merged weight W0 + s·B·A, which DoRA renormalises; use --lora-variant lora, rslora or pissa")
+        if self.lora.variant == "adalora":
+            raise SlimtuneError("--quant with --lora-variant adalora is not supported yet: structured QAT shrinks the adapted model mid-run, which "
+                                "AdaLoRA's rank allocator cannot follow; use --lora-variant lora, rslora or pissa")
         if self.averaging.enabled:
             raise SlimtuneError("--ema/--swa average the LoRA weights, but the quantiser steps were trained for the last ones; drop --ema/--swa with --quant")
         prunes_weights = self.prune.weight_level and (self.prune.sparsity > 0 or self.prune.granularity.strip().lower() == "nm")

@@ -384,13 +384,21 @@ RESULT_FIELDS = ("model", "data", "seq_len", "dtype", "criterion", "calib_batche
 FLAGS = {"quant.spec": "--quant", "quant.gguf_blocks": "--export"}  # settings whose flag is not --<field name>
 NEUTRAL = {"train.checkpoint_every", "train.compile"}  # compiled kernels compute the same step
 # options added later, with the value that computes what runs from before them computed
-ADDED = {"train.lora_plus_ratio": 1.0, "lora.ga_batches": 4, "lora.ga_gamma": 16.0, "train.lora_pro": False}
+ADDED = {"train.lora_plus_ratio": 1.0, "lora.ga_batches": 4, "lora.ga_gamma": 16.0, "train.lora_pro": False,
+         "lora.adalora_init_r": None, "lora.adalora_warmup": 0.1, "lora.adalora_final": 0.2, "lora.adalora_every": 1, "lora.adalora_orth": 0.1}
 
 
 def _flat(obj, prefix=""):
     if isinstance(obj, dict):
         return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): obj}
+
+
+def _flag(key: str) -> str:
+    """The CLI flag of a flattened setting ("lora.r" -> --lora-r; AdaLoRA's own flags carry no lora- prefix)."""
+    section, _, name = key.rpartition(".")
+    prefix = "lora-" if section == "lora" and not name.startswith("adalora") else ""
+    return "--" + prefix + name.replace("_", "-")
 
 
 def _check_resume(job: PruneJob, work: Path) -> None:
@@ -408,7 +416,7 @@ def _check_resume(job: PruneJob, work: Path) -> None:
             if key not in before and key in ADDED and settings.get(key) == ADDED[key]:
                 continue
             if before.get(key) != settings.get(key):
-                flag = FLAGS.get(key) or "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+                flag = FLAGS.get(key) or _flag(key)
                 raise SlimtuneError(f"cannot resume: {key} was {before.get(key)!r} in the interrupted run and is {settings.get(key)!r} now; "
                                     f"resume with the original {flag}, or start over without --resume")
         return

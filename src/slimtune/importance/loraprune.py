@@ -10,6 +10,12 @@ DoRA (arXiv 2402.09353) needs no change. PEFT detaches the row norm n = ‖V‖_
 (the paper's §4.3), so W' = (m/n)⊙V gives G_V = (m/n)⊙G_W' = W0.grad, G_A = s·Bᵀ·G_V and
 G_B = s·G_V·Aᵀ: Ĝ estimates s·G_V exactly as it estimates s·G for plain LoRA, and since m/n is
 one scalar per row, |G_V ⊙ V| = |G_W' ⊙ W'|, the Taylor score of the effective (merged) weight.
+AdaLoRA (P·diag(λ)·Q) is refused for metric "lora": it starts every λ at 0, and G_P = s·G·Qᵀ·diag(λ),
+G_Q = s·diag(λ)·Pᵀ·G vanish with it, so the only informative gradient is G_λ = s·diag(Pᵀ·G·Qᵀ),
+r numbers per projection with nothing per row or column. Measured on the bundled model after 3
+steps, the channel scores' Spearman correlation with the true-gradient scores is 0.76-0.77 with LoRA
+and -0.06 to 0.02 with AdaLoRA, and the default run ended at 29x dense perplexity. The "grad" and
+"magnitude" metrics take W = W0 + s·P·diag(λ)·Q.
 (With dropout > 0, A and B see the dropped inputs while W0 does not, as in plain LoRA.)
 
 S is reduced at once, one projection at a time, to head / channel vectors (reduce.py: per-module
@@ -50,7 +56,7 @@ from dataclasses import astuple
 import torch
 from torch import nn
 
-from ..adapters.lora import lora_pairs, lora_weights, scaling
+from ..adapters.lora import adapter_params, adapter_product, is_adalora, lora_pairs, lora_weights, scaling
 from ..errors import SlimtuneError
 from ..masking.structured import StructuredMasks
 from ..models.arch import get_arch
@@ -58,6 +64,9 @@ from ..training.loss import causal_lm_loss
 from .base import ElementScores, Importance, projection_weights
 
 METRICS = ("lora", "grad", "magnitude")
+ADALORA_REFUSAL = ("criterion '{name}' estimates the weight gradient from the LoRA gradients, which carry no per-row or per-column "
+                   "information under AdaLoRA (its singular values start at 0); use --criterion mask_fisher or grad, a one-shot "
+                   "criterion, or --lora-variant lora")
 SMOOTHINGS = ("ema", "uncertainty")
 
 
@@ -168,6 +177,8 @@ class LoRAPruneImportance(Importance):
         self._lora = {(i, path): m for i, path, m in lora_pairs(model, self.spec)}
         if metric == "lora" and not self._lora:
             raise SlimtuneError("LoRAPrune found no LoRA adapters on the decoder projections; call attach_lora before creating it")
+        if metric == "lora" and any(is_adalora(m) for m in self._lora.values()):
+            raise SlimtuneError(ADALORA_REFUSAL.format(name=self.name))
         self.geometry = StructuredMasks(model, self.spec).geometry
         self.steps, self.skipped = 0, 0
         # each layer's vectors sit next to its weights (a device_map may spread layers over GPUs)
@@ -188,6 +199,13 @@ class LoRAPruneImportance(Importance):
         self._index_cache: dict[tuple, torch.Tensor] = {}
 
     @classmethod
+    def check_settings(cls, config) -> None:
+        from .registry import get_criterion  # here: the registry imports this module
+
+        if config.lora.variant == "adalora" and get_criterion(config.criterion).options.get("metric", "lora") == "lora":
+            raise SlimtuneError(ADALORA_REFUSAL.format(name=config.criterion))
+
+    @classmethod
     def check_targets(cls, spec, num_layers: int, targets: set[str], units: set[str], layers: list[int], options: dict) -> None:
         if options.get("metric", "lora") == "lora":
             adapted = {(i, p) for i in range(num_layers) for p in spec.projections() if p.rsplit(".", 1)[-1] in targets}
@@ -206,6 +224,12 @@ class LoRAPruneImportance(Importance):
         """S for one projection [out, in] fp32, or None when it has no gradient this step."""
         w0 = self._weights[key]
         lora = self._lora.get(key)
+        if lora is not None and is_adalora(lora):  # three factors: the batched form covers them
+            if not self._has_grad(key):
+                return None
+            g, w = self._gradient_and_weight([key])
+            s = w.abs_() if g is None else w.mul_(g).abs_()
+            return (s.square_() if self.power == 2 else s)[0]
         if self.metric == "lora":
             A, B = lora_weights(lora)
             if A.grad is None or B.grad is None:
@@ -280,8 +304,7 @@ class LoRAPruneImportance(Importance):
     # ---- many projections at once (GPU) -----------------------------------------------------
     def _has_grad(self, key) -> bool:
         if self.metric == "lora":
-            A, B = lora_weights(self._lora[key])
-            return A.grad is not None and B.grad is not None
+            return all(p.grad is not None for p in adapter_params(self._lora[key]))
         return self.metric != "grad" or self._weights[key].grad is not None
 
     def _batches(self) -> list[list[tuple[int, str]]]:
@@ -300,7 +323,7 @@ class LoRAPruneImportance(Importance):
             sig = (path, tuple(w0.shape), w0.dtype, w0.device, astuple(self.geometry[i]))
             if lora is not None:
                 A, B = lora_weights(lora)
-                sig += (tuple(A.shape), A.dtype, scaling(lora))
+                sig += (tuple(A.shape), A.dtype, scaling(lora), is_adalora(lora))
             if sig not in groups:
                 groups[sig] = []
                 order.append(sig)
@@ -324,8 +347,9 @@ class LoRAPruneImportance(Importance):
         loras = [self._lora.get(k) for k in keys]
         w = self._stack(w0s)
         if loras[0] is not None:
-            A = self._stack([lora_weights(m)[0] for m in loras])  # [n, r, in]
-            B = self._stack([lora_weights(m)[1] for m in loras])  # [n, out, r]
+            products = [adapter_product(m) for m in loras]  # AdaLoRA: A = λ ⊙ Q
+            A = self._stack([a for a, _, _ in products])  # [n, r, in]
+            B = self._stack([b for _, b, _ in products])  # [n, out, r]
             w.baddbmm_(B, A, alpha=scaling(loras[0]))  # W0 + s·B·A
         if self.metric == "grad":
             return self._stack([w0.grad for w0 in w0s]), w
@@ -407,7 +431,7 @@ class LoRAPruneImportance(Importance):
     def _grad_params(self) -> list[torch.Tensor]:
         if self.metric == "grad":
             return list(self._weights.values())
-        return [p for m in self._lora.values() for p in lora_weights(m)]
+        return [p for m in self._lora.values() for p in adapter_params(m)]
 
     # ---- results ------------------------------------------------------------------------------
     def _smoothed(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:

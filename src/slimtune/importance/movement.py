@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.lora import lora_weights
+from ..adapters.lora import adapter_params
 from ..errors import SlimtuneError
 from .base import ElementScores
 from .loraprune import LoRAPruneImportance, _cpu, enable_full_grad
@@ -90,7 +90,7 @@ class CumulativeImportance(LoRAPruneImportance):
     def _grads(self, keys: list[Key]) -> list[torch.Tensor]:
         if self.metric == "grad":
             return [self._weights[k].grad for k in keys]
-        return [p.grad for k in keys for p in lora_weights(self._lora[k])]
+        return [p.grad for k in keys for p in adapter_params(self._lora[k])]
 
     @staticmethod
     def _add(store: dict[Key, torch.Tensor], keys: list[Key], rows: torch.Tensor) -> None:
@@ -203,6 +203,7 @@ class MovementImportance(CumulativeImportance):
 
     @classmethod
     def check_settings(cls, config) -> None:
+        super().check_settings(config)
         if config.prune.ranking == "global":  # selection divides by each layer's mean, which signed sums can bring to ~0
             raise SlimtuneError("--criterion movement gives signed scores, which --ranking global cannot compare across layers; use --ranking local")
 

@@ -160,6 +160,8 @@ def masked_linear(x, weight, bias, keep, lora_a=None, lora_b=None, scaling: floa
 
 
 def _lora_forward(module: nn.Module, masks: WeightMasks, name: str):
+    from ..adapters.lora import adapter_product  # here: adapters import masking
+
     def forward(x, *args, **kwargs):
         if kwargs.get("adapter_names") is not None:
             raise SlimtuneError("weight masks do not support mixed-adapter batches (adapter_names); call the model without them")
@@ -174,12 +176,11 @@ def _lora_forward(module: nn.Module, masks: WeightMasks, name: str):
             raise SlimtuneError(f"weight masks support one active adapter, found {', '.join(active)}; set a single adapter with set_adapter")
         if not active:
             return masked_linear(x, base.weight, base.bias, keep)
-        ad = active[0]
-        s = module.scaling[ad]
-        lora_b = module.lora_B[ad]
-        y = masked_linear(x, base.weight, base.bias, keep, module.lora_A[ad].weight, lora_b.weight, s)
-        if lora_b.bias is not None:  # PEFT's lora_bias: merged into the (unmasked) bias
-            y = y + (lora_b.bias * s).to(y.dtype)
+        a, b, s = adapter_product(module)  # AdaLoRA: a = λ ⊙ Q, autograd reaches λ and Q through it
+        y = masked_linear(x, base.weight, base.bias, keep, a, b, s)
+        lora_bias = getattr(module.lora_B[active[0]], "bias", None)
+        if lora_bias is not None:  # PEFT's lora_bias: merged into the (unmasked) bias
+            y = y + (lora_bias * s).to(y.dtype)
         return y
 
     return forward

@@ -110,8 +110,10 @@ def merged_weight(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor
     ad = active[0]
     if getattr(module, "use_dora", {}).get(ad, False):
         raise SlimtuneError("quantised training does not support DoRA yet; use plain LoRA, rsLoRA or PiSSA")
-    a, b = module.lora_A[ad].weight, module.lora_B[ad].weight
-    return torch.addmm(base.weight.to(dtype), b.to(dtype), a.to(dtype), alpha=float(module.scaling[ad]))
+    from ..adapters.lora import adapter_product
+
+    a, b, s = adapter_product(module)
+    return torch.addmm(base.weight.to(dtype), b.to(dtype), a.to(dtype), alpha=s)
 
 
 def quantized_linear(x: Tensor, weight_fn, bias: Tensor | None, quantizer: WeightQuantizer, recompute: bool = True) -> Tensor:
@@ -291,7 +293,7 @@ def _quantized_forward(module: nn.Module, quantizer: WeightQuantizer, keep: Tens
         y = quantized_linear(x, weight_fn, base.bias, quantizer)
         if is_lora and not (module.merged or module.disable_adapters):
             for ad in module.active_adapters:
-                if ad in module.lora_B and module.lora_B[ad].bias is not None:  # PEFT's lora_bias
+                if ad in module.lora_B and getattr(module.lora_B[ad], "bias", None) is not None:  # PEFT's lora_bias
                     y = y + (module.lora_B[ad].bias * module.scaling[ad]).to(y.dtype)
         return y
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters.adalora import RankBudget
 from ..cli_gen import cli_help
 from ..data import batch_at
 from ..errors import SlimtuneError
@@ -168,6 +169,7 @@ class Trainer:
         self.distill = distill if distill is not None and distill.enabled else None
         self.teacher = dense_teacher(model, getattr(pruner, "gates", None), quant, getattr(importance, "handles", None)) if self.distill else None
         self.averager = WeightAverager(self.params, averaging, settings.steps) if averaging is not None and averaging.enabled else None
+        self.adalora = RankBudget.of(model)  # AdaLoRA: orthogonality penalty and rank reallocation
         self.log = Path(checkpoint_dir) / LOG if checkpoint_dir else None
         self.events = StepWriter(checkpoint_dir, enabled=self.world.main)  # TensorBoard, when installed
         check_precision(model, settings.mixed_precision)
@@ -267,6 +269,7 @@ class Trainer:
             "history": self.history,
             "rng": [self._rng_state()],  # one per rank
             "quant": self.quant.state_dict() if self.quant is not None else None,
+            "adalora": self.adalora.state_dict() if self.adalora is not None else None,
         }
 
     def save_checkpoint(self) -> None:
@@ -307,6 +310,8 @@ class Trainer:
             if state.get("averager") is None:
                 raise SlimtuneError(f"checkpoint {self.checkpoint} has no --ema/--swa average; resume with the original options")
             self.averager.load_state_dict(state["averager"])
+        if self.adalora is not None:
+            self.adalora.load_state_dict(state.get("adalora"))
         self.history = state["history"]
         if self.log is not None and self.world.main:  # rows logged after this checkpoint belong to the interrupted run
             self.log.write_text("".join(json.dumps(row) + "\n" for row in self.history))
@@ -354,6 +359,11 @@ class Trainer:
             if hasattr(importance, "last_expected"):
                 parts["gate_sparsity"] = importance.last_expected
             total = total + term
+        term = self.adalora.loss_term() if self.adalora is not None else None
+        if term is not None:  # AdaLoRA's orthogonality penalty
+            parts.setdefault("lm_loss", total.detach())
+            parts["orth"] = term.detach()
+            total = total + term
         return total, parts
 
     def train_step(self) -> dict[str, float]:
@@ -388,6 +398,8 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
+        if self.adalora is not None:  # reads the gradients: before they are cleared
+            self.adalora.after_step(self.step + 1)
         model.zero_grad(set_to_none=True)  # also the observed-only weight gradients
         self.step += 1
         if self.averager is not None:

@@ -1,0 +1,211 @@
+"""AdaLoRA (arXiv 2303.10512) through PEFT, in slimtune's loop (METHODS.md §6): the model is unchanged
+at init, the orthogonality penalty is PEFT's, the rank budget ends at r per projection on average with
+the cut triplets at zero, LoRA-gradient criteria refuse it (λ starts at 0), the masked forward
+trains λ, and a run resumes exactly and saves an adapter PEFT reloads."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from slimtune.adapters import LoraSettings, attach_lora, lora_pairs
+from slimtune.adapters.adalora import RankBudget
+from slimtune.adapters.lora import adapter_params, adapter_product, is_adalora
+from slimtune.cli import main
+from slimtune.errors import SlimtuneError
+from slimtune.importance.loraprune import LoRAPruneImportance, enable_full_grad
+from slimtune.models.arch import base_weight
+from slimtune.training.loss import causal_lm_loss
+from tests.conftest import FAST_CLI, interrupt_training_at, tiny_model
+
+BATCH = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def ada_model(steps=10, dtype=torch.float64, **kw):
+    base = tiny_model("llama").to(dtype)
+    torch.manual_seed(0)
+    settings = LoraSettings(r=4, alpha=8.0, dropout=0.0, variant="adalora", **kw)
+    return base, attach_lora(copy.deepcopy(base), settings, steps=steps)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=BATCH).logits
+
+
+def test_output_unchanged_at_init_and_ranks_start_at_one_and_a_half_r():
+    base, net = ada_model()
+    torch.testing.assert_close(logits(net.eval()), logits(base), atol=1e-12, rtol=0)
+    pairs = lora_pairs(net)
+    assert pairs and all(is_adalora(m) for _, _, m in pairs)
+    Q, lam, P = adapter_params(pairs[0][2])
+    assert Q.shape[0] == lam.shape[0] == P.shape[1] == 6 and torch.count_nonzero(lam) == 0
+    assert all(p.requires_grad for _, _, m in pairs for p in adapter_params(m))
+
+
+def test_attach_needs_the_step_count():
+    with pytest.raises(SlimtuneError, match="steps="):
+        attach_lora(tiny_model("llama"), LoraSettings(variant="adalora"))
+
+
+def test_orthogonality_penalty_is_pefts_and_zero_for_orthonormal_factors():
+    _, net = ada_model()
+    budget = RankBudget.of(net)
+    with torch.no_grad():
+        for _, _, m in lora_pairs(net):
+            for p in adapter_params(m):
+                p.normal_(0, 0.3)
+    # PEFT adds the same term to a loss the model returns itself (labels given); the wrapped model's own loss has none
+    with_term = net(input_ids=BATCH, labels=BATCH).loss
+    without = net.base_model.model(input_ids=BATCH, labels=BATCH).loss
+    torch.testing.assert_close(budget.loss_term(), (with_term - without).to(torch.float64), rtol=1e-5, atol=1e-5)  # HF losses are fp32
+    with torch.no_grad():  # orthonormal rows of Q and columns of P: no penalty
+        for _, _, m in lora_pairs(net):
+            Q, _, P = adapter_params(m)
+            Q.copy_(torch.linalg.qr(torch.randn(Q.shape[1], Q.shape[0], dtype=Q.dtype))[0].T)
+            P.copy_(torch.linalg.qr(torch.randn(P.shape, dtype=P.dtype))[0])
+    assert float(budget.loss_term().detach()) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lora_gradient_criteria_refuse_adalora():
+    """λ starts at 0, so G_P and G_Q vanish and G_λ holds r numbers per projection: the LoRA-gradient
+    estimate has nothing per row or column to rank units by (see importance/loraprune.py for the measurement)."""
+    from slimtune import LoRAPruneConfig
+
+    _, net = ada_model()
+    with pytest.raises(SlimtuneError, match="no per-row or per-column"):
+        LoRAPruneImportance(net)
+    for name in ("loraprune", "loraprune_unc", "movement", "seven"):
+        with pytest.raises(SlimtuneError, match=f"criterion '{name}'.*mask_fisher"):
+            LoRAPruneConfig(criterion=name, lora=LoraSettings(variant="adalora"))
+    for name in ("grad", "mask_fisher", "movement_grad", "l0"):
+        LoRAPruneConfig(criterion=name, lora=LoraSettings(variant="adalora"))
+
+
+def test_true_gradient_scores_see_the_adalora_update():
+    """metric grad scores |G ⊙ (W0 + s·P·diag(λ)·Q)|, one projection at a time and stacked alike."""
+    _, net = ada_model()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, _, m in lora_pairs(net):
+            for p in adapter_params(m):
+                p.normal_(0, 0.2, generator=gen)
+    restore = enable_full_grad(net)
+    causal_lm_loss(net, BATCH).backward()
+    one, stacked = LoRAPruneImportance(net, metric="grad"), LoRAPruneImportance(net, metric="grad", stack_mib=64)
+    for i, path, m in lora_pairs(net):
+        a, b, s = adapter_product(m)
+        w = base_weight(m) + s * (b @ a)
+        torch.testing.assert_close(one._element((i, path)), (base_weight(m).grad * w).abs().detach(), rtol=1e-10, atol=1e-14)
+    assert one.observe(net) and stacked.observe(net)
+    for x, y in zip(one.unit_scores(), stacked.unit_scores()):
+        torch.testing.assert_close(x["channels"], y["channels"], rtol=1e-10, atol=1e-14)
+    restore()
+
+
+def test_masked_forward_trains_lambda_and_merges_to_the_same_output():
+    from slimtune.adapters import merge_keep_masks
+    from slimtune.masking.weights import WeightMasks, attach_weight_masks
+
+    _, net = ada_model()
+    with torch.no_grad():
+        for _, _, m in lora_pairs(net):
+            for p in adapter_params(m):
+                p.normal_(0, 0.2)
+    masks = WeightMasks(net)
+    gen = torch.Generator().manual_seed(5)
+    for key in masks.keys():
+        masks.set_mask(*key, torch.rand(masks.mask(*key).shape, generator=gen) > 0.4)
+    keep = {k: v.clone() for k, v in masks.as_dict().items()}
+    handles = attach_weight_masks(net, masks)
+    loss = causal_lm_loss(net, BATCH)
+    loss.backward()
+    assert all(adapter_params(m)[1].grad is not None and adapter_params(m)[1].grad.abs().sum() > 0 for _, _, m in lora_pairs(net))
+    masked = logits(net.eval())
+    handles.remove()
+    merged = merge_keep_masks(net, weight_masks=keep)
+    torch.testing.assert_close(logits(merged), masked, rtol=1e-9, atol=1e-10)
+
+
+def test_settings_refuse_bad_values():
+    for kw, match in [({"adalora_init_r": 3}, "--adalora-init-r"), ({"adalora_warmup": 0.6, "adalora_final": 0.5}, "leave no step"),
+                      ({"adalora_final": 1.0}, "--adalora-final"), ({"adalora_every": 0}, "--adalora-every"), ({"adalora_orth": -1}, "--adalora-orth")]:
+        with pytest.raises(SlimtuneError, match=match):
+            LoraSettings(r=4, variant="adalora", **kw)
+
+
+def test_trainer_session_is_refused():
+    from slimtune import LoRAPruneConfig, PruneSession
+
+    config = LoRAPruneConfig(criterion="grad", lora=LoraSettings(variant="adalora"))
+    with pytest.raises(SlimtuneError, match="orthogonality"):
+        PruneSession(tiny_model("llama"), config, total_steps=4)
+
+
+# ---- the CLI end to end ---------------------------------------------------------------------------
+FAST = FAST_CLI
+
+
+def prune_cli(capsys, inputs, out, *args):
+    model, data = inputs
+    code = main([str(a) for a in ("prune", "--model", model, "--data", data, "--out", out, "--steps", "8", "--batch-size", "2",
+                                  "--lora-variant", "adalora", "--lora-r", "4", *args, *FAST)])
+    return code, capsys.readouterr().err
+
+
+def _lambdas(adapter_dir):
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items() if "lora_E" in k}
+
+
+def test_budget_ends_at_r_per_projection_and_the_adapter_reloads(tmp_path, cli_inputs, capsys):
+    """--sparsity 0 keeps every unit, so the merged output is the base model plus the adapter PEFT reloads."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    code, err = prune_cli(capsys, cli_inputs, tmp_path / "out", "--criterion", "mask_fisher", "--sparsity", "0", "--no-eval", "--ema", "0.5",
+                          "--lora-dropout", "0")
+    assert code == 0, err
+    config = json.loads((tmp_path / "out" / "adapters" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["init_r"] == 6 and config["target_r"] == 4
+    kept = [sum(v) for v in config["rank_pattern"].values()]
+    assert sum(kept) == 4 * len(kept) and len(set(kept)) > 1  # the budget moved rank between projections
+    lambdas = _lambdas(tmp_path / "out" / "adapters")
+    assert sorted(v.shape[0] for v in lambdas.values()) == sorted(kept)  # saved at the kept ranks
+    assert all(torch.count_nonzero(v) == v.shape[0] for v in lambdas.values())  # only kept triplets, none zero (after the EMA too)
+    base = AutoModelForCausalLM.from_pretrained(cli_inputs[0])
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "out" / "adapters").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    batch = BATCH[:, :8]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=batch).logits, reloaded(input_ids=batch).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_kill_then_resume_gives_the_same_masks_and_adapter(tmp_path, cli_inputs, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    common = ["--criterion", "mask_fisher", "--granularity", "heads,channels", "--sparsity", "0.3", "--checkpoint-every", "2",
+              "--prune-every", "1", "--no-eval"]
+    code, err = prune_cli(capsys, cli_inputs, tmp_path / "full", *common)
+    assert code == 0, err
+    restore = interrupt_training_at(monkeypatch, 6)
+    code, err = prune_cli(capsys, cli_inputs, tmp_path / "resumed", *common)
+    assert code == 130, err
+    restore()
+    code, err = prune_cli(capsys, cli_inputs, tmp_path / "resumed", *common, "--adalora-init-r", "8", "--resume")
+    assert code == 2 and "--adalora-init-r" in err  # another budget would not continue the same run
+    code, err = prune_cli(capsys, cli_inputs, tmp_path / "resumed", *common, "--resume")
+    assert code == 0, err
+    for name in ("pruning_masks.safetensors", "adapters/adapter_model.safetensors"):
+        full, resumed = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
+        assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full), name
+
+
+@pytest.mark.parametrize("args, match", [(["--criterion", "grad", "--lora-pro"], "three"), (["--criterion", "grad", "--quant", "w4g8"], "not supported yet"),
+                                         (["--criterion", "loraprune"], "no per-row or per-column")])
+def test_cli_refuses_what_adalora_cannot_do(tmp_path, cli_inputs, capsys, args, match):
+    code, err = prune_cli(capsys, cli_inputs, tmp_path / "out", *args)
+    assert code == 2 and match in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

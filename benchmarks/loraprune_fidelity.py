@@ -100,7 +100,7 @@ def main() -> None:
             heads = [spearman(x["heads"], y["heads"]) for x, y in zip(a, b)]
             chans = [spearman(x["channels"], y["channels"]) for x, y in zip(a, b)]
             if ada:
-                size = {"adalora_lambda_abs_median": median([float(m.lora_E["default"].abs().median()) for _, _, m in lora_pairs(net)])}
+                size = {"adalora_lambda_abs_median": median([float(m.lora_E["default"].detach().abs().median()) for _, _, m in lora_pairs(net)])}
             else:
                 size = {"lora_B_norm_median": median([float(lora_weights(m)[1].norm()) for _, _, m in lora_pairs(net)])}
             rows.append({"step": step, "spearman_heads_median": median(heads), "spearman_channels_median": median(chans), **size})

@@ -183,6 +183,14 @@ def fidelity_section() -> list[str]:
     for r in d["results"]:
         out.append(f"| {r['step']} | {r['spearman_heads_median']:.2f} | {r['spearman_channels_median']:.2f} | {r['lora_B_norm_median']:.3f} |")
     out.append("")
+    a = _load("loraprune_fidelity_adalora")
+    if a:
+        out += [f"The same with AdaLoRA adapters, whose λ starts at 0 (`{a['command']}`, {_machine(a)}); the estimate is LoRAPrune's "
+                "rule for three factors, which slimtune therefore refuses:", "",
+                "| step | heads | MLP channels | median abs λ |", "|---:|---:|---:|---:|"]
+        out += [f"| {r['step']} | {r['spearman_heads_median']:.2f} | {r['spearman_channels_median']:.2f} | {r['adalora_lambda_abs_median']:.4f} |"
+                for r in a["results"]]
+        out.append("")
     return out
 
 

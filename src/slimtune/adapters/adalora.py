@@ -91,6 +91,9 @@ class RankBudget:
                 norms.append(torch.linalg.matrix_norm(cov - eye))
         return weight * torch.stack(norms).mean() if norms else None
 
+    def loss_log(self) -> dict:
+        return {}
+
     def after_step(self, step: int) -> None:
         """After `optimizer.step()`, before the gradients are cleared; `step` = optimiser steps done (≥ 1)."""
         self.inner.update_and_allocate(step)

@@ -180,6 +180,10 @@ class L0Importance(Importance):
         d = s - self.target_at(self.steps + 1)
         return self.lambdas[0] * d + self.lambdas[1] * d * d
 
+    def loss_log(self) -> dict[str, torch.Tensor]:
+        """What the training log records beside the term: the gates' expected sparsity ŝ."""
+        return {"gate_sparsity": self.last_expected}
+
     def update(self, model, batch: torch.LongTensor) -> None:
         """Outside a training loop: one forward (training mode, gates drawn) and backward of the LM
         loss plus `loss_term()` on `batch` [b, L], then the gates' step. Other gradients are dropped."""

@@ -351,19 +351,15 @@ class Trainer:
         else:
             total, lm, kl = distill_loss(self.model, batch, self.teacher, self.distill)
             parts = {"lm_loss": lm.detach(), "kl": kl.detach()}
-        importance = self.prune_step.importance
-        if importance is not None and hasattr(importance, "loss_term"):  # e.g. the L0 gates' Lagrangian
-            term = importance.loss_term()
-            parts.setdefault("lm_loss", total.detach())
-            parts["penalty"] = term.detach()
-            if hasattr(importance, "last_expected"):
-                parts["gate_sparsity"] = importance.last_expected
-            total = total + term
-        term = self.adalora.loss_term() if self.adalora is not None else None
-        if term is not None:  # AdaLoRA's orthogonality penalty
-            parts.setdefault("lm_loss", total.detach())
-            parts["orth"] = term.detach()
-            total = total + term
+        # terms that methods add to the loss (loss_term(), and loss_log() for the log row): the L0 gates'
+        # Lagrangian ("penalty"), AdaLoRA's orthogonality penalty ("orth")
+        for name, source in (("penalty", self.prune_step.importance), ("orth", self.adalora)):
+            term = source.loss_term() if source is not None and hasattr(source, "loss_term") else None
+            if term is not None:
+                parts.setdefault("lm_loss", total.detach())
+                parts[name] = term.detach()
+                parts.update(source.loss_log())
+                total = total + term
         return total, parts
 
     def train_step(self) -> dict[str, float]:

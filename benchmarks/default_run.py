@@ -88,9 +88,12 @@ def main() -> None:
     }
     print(json.dumps(row, indent=1))
     # read again: another variant may have finished while this one ran (runs can overlap)
-    variants = (json.loads(path.read_text()) if path.is_file() else {}).get("variants", {})
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    variants = previous.get("variants", {})
     variants[args.variant] = row
-    write("default_run", {"windows": WINDOWS, "dense": dense, "variants": variants,
+    # "refused": rows of option sets slimtune has refused since they ran (kept as the evidence; no table row)
+    refused = {"refused": previous["refused"]} if "refused" in previous else {}
+    write("default_run", {"windows": WINDOWS, "dense": dense, "variants": variants, **refused,
                           "note": "one fresh `slimtune prune` process per variant on an otherwise shared 2-core CPU; perplexity of the saved model, evenly spaced windows"})
 
 

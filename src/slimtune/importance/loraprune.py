@@ -10,13 +10,14 @@ DoRA (arXiv 2402.09353) needs no change. PEFT detaches the row norm n = ‖V‖_
 (the paper's §4.3), so W' = (m/n)⊙V gives G_V = (m/n)⊙G_W' = W0.grad, G_A = s·Bᵀ·G_V and
 G_B = s·G_V·Aᵀ: Ĝ estimates s·G_V exactly as it estimates s·G for plain LoRA, and since m/n is
 one scalar per row, |G_V ⊙ V| = |G_W' ⊙ W'|, the Taylor score of the effective (merged) weight.
+(With dropout > 0, A and B see the dropped inputs while W0 does not, as in plain LoRA.)
+
 AdaLoRA (P·diag(λ)·Q) is refused for metric "lora": it starts every λ at 0, and G_P = s·G·Qᵀ·diag(λ),
 G_Q = s·diag(λ)·Pᵀ·G vanish with it, so the only informative gradient is G_λ = s·diag(Pᵀ·G·Qᵀ),
 r numbers per projection with nothing per row or column. On the bundled model the Spearman
 correlation of the unit scores with the true-gradient ones stays within ±0.06 over 20 steps, against
 0.62-0.87 with LoRA (benchmarks/loraprune_fidelity.py), and the default run ended at 29x dense
 perplexity. The "grad" and "magnitude" metrics take W = W0 + s·P·diag(λ)·Q.
-(With dropout > 0, A and B see the dropped inputs while W0 does not, as in plain LoRA.)
 
 S is reduced at once, one projection at a time, to head / channel vectors (reduce.py: per-module
 l2 normalisation, summed per block) and to a layer score (the sum of S), so the state is a few
@@ -323,7 +324,7 @@ class LoRAPruneImportance(Importance):
             sig = (path, tuple(w0.shape), w0.dtype, w0.device, astuple(self.geometry[i]))
             if lora is not None:
                 A, B = lora_weights(lora)
-                sig += (tuple(A.shape), A.dtype, scaling(lora), is_adalora(lora))
+                sig += (tuple(A.shape), A.dtype, scaling(lora))
             if sig not in groups:
                 groups[sig] = []
                 order.append(sig)

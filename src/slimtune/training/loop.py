@@ -391,10 +391,12 @@ class Trainer:
         self.prune_step.before_optimizer(model)  # the criterion reads the raw LoRA gradients
         if s.lora_pro:
             lora_pro_(model)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
-        if self.adalora is not None:  # reads the gradients: before they are cleared
+        # AdaLoRA reads the gradients (before they are cleared); not those of a step fp16's scaler skipped as non-finite
+        if self.adalora is not None and (scale is None or self.scaler.get_scale() >= scale):
             self.adalora.after_step(self.step + 1)
         model.zero_grad(set_to_none=True)  # also the observed-only weight gradients
         self.step += 1

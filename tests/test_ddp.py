@@ -4,6 +4,7 @@ Two processes with micro-batch 1 must see the rows one process sees with micro-b
 gradients before observing them, and so reach identical importance scores and masks on both ranks,
 equal to the single-process masks. Only rank 0 writes; a resume loads on every rank."""
 
+import copy
 import json
 import os
 import socket
@@ -27,35 +28,41 @@ TOKENS = torch.randint(0, 96, (16, 16), generator=torch.Generator().manual_seed(
 STEPS = 6
 
 
-def _config(batch_size: int, criterion: str = "loraprune") -> LoRAPruneConfig:
+def _config(batch_size: int, criterion: str = "loraprune", variant: str = "lora") -> LoRAPruneConfig:
     return LoRAPruneConfig(
         criterion=criterion,
         prune=PruneSettings(sparsity=0.3, prune_every=2, warmup=0.0, cooldown=0.2, exclude_layers=[0]),
-        lora=LoraSettings(r=4, alpha=8, dropout=0.0),  # no dropout: one process and two see the same function
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0, variant=variant),  # no dropout: one process and two see the same function
         train=TrainSettings(steps=STEPS, batch_size=batch_size, lr=1e-2, warmup_steps=0, checkpoint_every=2),
     )
 
 
-def _prune(batch_size: int, work_dir, criterion: str = "loraprune") -> dict:
-    """prune_ on the tiny Llama; the unit scores each mask update ranked, the masks, the losses."""
+def _prune(batch_size: int, work_dir, criterion: str = "loraprune", variant: str = "lora") -> dict:
+    """prune_ on the tiny Llama; the unit scores each mask update ranked, the masks, the losses (and
+    AdaLoRA's final rank pattern)."""
+    from slimtune.adapters.adalora import RankBudget
     from slimtune.api import prune_
 
-    seen = []
+    seen, patterns = [], []
     cls = {"loraprune": LoRAPruneImportance, "mask_fisher": MaskFisherImportance}[criterion]
-    original = cls.unit_scores
+    original, finalize = cls.unit_scores, RankBudget.finalize
 
     def recording(self):
         scores = original(self)
         seen.append(scores)
         return scores
 
-    cls.unit_scores = recording
+    def final_pattern(self):
+        patterns.append(copy.deepcopy(self.config.rank_pattern))
+        return finalize(self)
+
+    cls.unit_scores, RankBudget.finalize = recording, final_pattern
     try:
-        result = prune_(tiny_model("llama"), _config(batch_size, criterion), TOKENS, work_dir=work_dir, progress=False)
+        result = prune_(tiny_model("llama"), _config(batch_size, criterion, variant), TOKENS, work_dir=work_dir, progress=False)
     finally:
-        cls.unit_scores = original
+        cls.unit_scores, RankBudget.finalize = original, finalize
     return {"scores": seen, "masks": {k: v.clone() for k, v in result.masks.state_dict().items()},
-            "losses": [row["loss"] for row in result.history]}
+            "losses": [row["loss"] for row in result.history], "rank_pattern": patterns}
 
 
 def _resume_masks(tmp) -> tuple[dict, dict]:
@@ -92,6 +99,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     out["world"] = (w.size, w.rank)
     out["resume"] = _resume_masks(os.path.join(tmp, "resume"))
     out["mask_fisher"] = _prune(1, None, "mask_fisher")  # activation statistics are all-reduced, not gradients
+    out["adalora"] = _prune(1, None, "mask_fisher", "adalora")  # the rank allocator reads the averaged gradients
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -153,6 +161,15 @@ def test_mask_fisher_ranks_agree_and_match_one_process(two_ranks):
             torch.testing.assert_close(u["channels"], v["channels"], rtol=1e-4, atol=1e-7)
             torch.testing.assert_close(u["heads"], v["heads"], rtol=1e-4, atol=1e-7)
     assert all(torch.equal(one["masks"][k], a["masks"][k]) for k in one["masks"])
+
+
+def test_adalora_ranks_cut_the_same_triplets(two_ranks):
+    _, (r0, r1) = two_ranks
+    a, b = r0["adalora"], r1["adalora"]
+    assert len(a["rank_pattern"]) == 1 and a["rank_pattern"] == b["rank_pattern"]
+    kept = [sum(v) for v in a["rank_pattern"][0].values()]
+    assert sum(kept) == 4 * len(kept) and len(set(kept)) > 1  # the budget moved rank, identically on both ranks
+    assert a["losses"] == b["losses"] and all(torch.equal(a["masks"][k], b["masks"][k]) for k in a["masks"])
 
 
 def test_resume_under_two_ranks_equals_uninterrupted(two_ranks):

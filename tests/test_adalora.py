@@ -128,6 +128,30 @@ def test_masked_forward_trains_lambda_and_merges_to_the_same_output():
     torch.testing.assert_close(logits(merged), masked, rtol=1e-9, atol=1e-10)
 
 
+def test_a_projection_cut_to_rank_0_saves_quietly_and_reloads_exactly(tmp_path, recwarn):
+    """AdaLoRA may take every triplet of a projection; PEFT stores zero-sized factors for it."""
+    from peft import PeftModel
+
+    from slimtune.adapters import save_adapters
+
+    base, net = ada_model()
+    with torch.no_grad():
+        for _, _, m in lora_pairs(net):
+            for p in adapter_params(m):
+                p.normal_(0, 0.2)
+    budget = RankBudget.of(net)
+    pattern = {n: [True] * p.shape[0] for n, p in budget.inner.model.named_parameters() if "lora_E" in n}
+    first = sorted(pattern)[0]
+    pattern[first] = [False] * len(pattern[first])
+    budget.config.rank_pattern = pattern
+    budget.finalize()
+    want = logits(net.eval())
+    save_adapters(net, tmp_path / "adapters")
+    assert not [w for w in recwarn if "invalid shape" in str(w.message)]
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapters").eval()
+    torch.testing.assert_close(logits(again), want, rtol=0, atol=1e-12)
+
+
 def test_settings_refuse_bad_values():
     for kw, match in [({"adalora_init_r": 3}, "--adalora-init-r"), ({"adalora_warmup": 0.6, "adalora_final": 0.5}, "leave no step"),
                       ({"adalora_final": 1.0}, "--adalora-final"), ({"adalora_every": 0}, "--adalora-every"), ({"adalora_orth": -1}, "--adalora-orth")]:

@@ -114,6 +114,11 @@ def save_adapters(peft_model: nn.Module, path, initial_dir=None, base_name: str 
                 warnings.filterwarnings("ignore", message=".*PiSSA changes the base weights.*")
                 peft_model.save_pretrained(str(path), path_initial_model_for_weight_conversion=str(work))
     else:
-        peft_model.save_pretrained(str(path))
+        with warnings.catch_warnings():
+            # AdaLoRA may cut a projection to rank 0; PEFT saves it as a zero-sized tensor (and reloads it
+            # exactly) but warns that such a tensor looks like an ungathered DeepSpeed/FSDP shard
+            if any(getattr(c, "peft_type", None) == "ADALORA" for c in peft_model.peft_config.values()):
+                warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
+            peft_model.save_pretrained(str(path))
     if base_name:
         _record_base(path, base_name)

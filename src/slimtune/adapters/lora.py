@@ -9,7 +9,7 @@
 `attach_lora` wraps the model in place (PiSSA and LoRA-GA also rewrite the base weights) and returns the
 `PeftModel`; only adapter parameters stay trainable. `lora_pairs` finds the LoRA layer of every
 adapted decoder projection through the arch spec, for criteria that read A, B and their gradients.
-Code that needs the update itself asks `adapter_product` for the two-factor view ΔW = s·B·A, which
+Code that needs the update itself asks `adapter_product` (models/lora_layers.py) for the two-factor view ΔW = s·B·A, which
 for AdaLoRA is A := diag(λ)·Q, B := P, s := α/(init_r + 1e-5) (PEFT's scale, as its forward computes it);
 `adapter_params` lists the trained factors (AdaLoRA's λ too).
 PiSSA and LoRA-GA adapters must be saved with `save.save_initial_adapters` right after `attach_lora` (save.py).
@@ -24,6 +24,14 @@ from torch import nn
 from ..cli_gen import cli_help
 from ..errors import SlimtuneError
 from ..models.arch import ArchSpec, get_arch
+from ..models.lora_layers import (  # noqa: F401 (re-exported)
+    active_adapter,
+    adapter_params,
+    adapter_product,
+    is_adalora,
+    lora_weights,
+    scaling,
+)
 
 VARIANTS = ("lora", "rslora", "dora", "pissa", "lora_ga", "adalora")
 MUTATING = ("pissa", "lora_ga")  # variants that rewrite the base weights at init
@@ -140,43 +148,6 @@ def _lora_config(settings: LoraSettings, targets: list[str]):
         use_dora=settings.variant == "dora",
         init_lora_weights="pissa" if settings.variant == "pissa" else True,
     )
-
-
-def active_adapter(lora_module: nn.Module) -> str:
-    return lora_module.active_adapters[0]
-
-
-def is_adalora(lora_module: nn.Module) -> bool:
-    return hasattr(lora_module, "lora_E")
-
-
-def scaling(lora_module: nn.Module) -> float:
-    """s of the active adapter: α/r, or α/√r with rsLoRA; α/(init_r + 1e-5) with AdaLoRA."""
-    name = active_adapter(lora_module)
-    s = float(lora_module.scaling[name])
-    return s / (float(lora_module.ranknum[name]) + 1e-5) if is_adalora(lora_module) else s
-
-
-def lora_weights(lora_module: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
-    """(A [r, in], B [out, r]) trained weights of the active adapter (AdaLoRA: Q and P, without λ)."""
-    name = active_adapter(lora_module)
-    if is_adalora(lora_module):  # PEFT keeps AdaLoRA's factors as bare parameters
-        return lora_module.lora_A[name], lora_module.lora_B[name]
-    return lora_module.lora_A[name].weight, lora_module.lora_B[name].weight
-
-
-def adapter_params(lora_module: nn.Module) -> list[nn.Parameter]:
-    """Every trained factor of the active adapter: A and B, and AdaLoRA's λ [r, 1]."""
-    A, B = lora_weights(lora_module)
-    return [A, lora_module.lora_E[active_adapter(lora_module)], B] if is_adalora(lora_module) else [A, B]
-
-
-def adapter_product(lora_module: nn.Module):
-    """(A, B, s) with ΔW = s·B·A, differentiable: for AdaLoRA A = diag(λ)·Q (λ ⊙ Q, a new tensor)."""
-    A, B = lora_weights(lora_module)
-    if is_adalora(lora_module):
-        A = A * lora_module.lora_E[active_adapter(lora_module)]
-    return A, B, scaling(lora_module)
 
 
 def lora_pairs(model: nn.Module, spec: ArchSpec | None = None) -> list[tuple[int, str, nn.Module]]:

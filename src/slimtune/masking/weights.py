@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import SlimtuneError
 from ..models.arch import ArchSpec, base_weight, get_arch, own_params
+from ..models.lora_layers import adapter_product
 from .handles import PatchedForwards
 
 Key = tuple[int, str]  # (decoder layer index, projection path such as "self_attn.q_proj")
@@ -160,8 +161,6 @@ def masked_linear(x, weight, bias, keep, lora_a=None, lora_b=None, scaling: floa
 
 
 def _lora_forward(module: nn.Module, masks: WeightMasks, name: str):
-    from ..adapters.lora import adapter_product  # here: adapters import masking
-
     def forward(x, *args, **kwargs):
         if kwargs.get("adapter_names") is not None:
             raise SlimtuneError("weight masks do not support mixed-adapter batches (adapter_names); call the model without them")

@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import SlimtuneError
 from ..masking.handles import PatchedForwards
+from ..models.lora_layers import adapter_product
 from .fake import (
     GGUF_BLOCK,
     FakeQuantizer,
@@ -110,8 +111,6 @@ def merged_weight(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor
     ad = active[0]
     if getattr(module, "use_dora", {}).get(ad, False):
         raise SlimtuneError("quantised training does not support DoRA yet; use plain LoRA, rsLoRA or PiSSA")
-    from ..adapters.lora import adapter_product
-
     a, b, s = adapter_product(module)
     return torch.addmm(base.weight.to(dtype), b.to(dtype), a.to(dtype), alpha=s)
 

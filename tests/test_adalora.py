@@ -44,9 +44,14 @@ def test_output_unchanged_at_init_and_ranks_start_at_one_and_a_half_r():
     assert all(p.requires_grad for _, _, m in pairs for p in adapter_params(m))
 
 
-def test_attach_needs_the_step_count():
+def test_attach_needs_the_step_count_and_the_trainer_the_same_one():
+    from slimtune.training.loop import Trainer, TrainSettings
+
     with pytest.raises(SlimtuneError, match="steps="):
         attach_lora(tiny_model("llama"), LoraSettings(variant="adalora"))
+    _, net = ada_model(steps=10)
+    with pytest.raises(SlimtuneError, match="attached for 10 steps but this run has 4"):
+        Trainer(net, BATCH, TrainSettings(steps=4, batch_size=1))
 
 
 def test_orthogonality_penalty_is_pefts_and_zero_for_orthonormal_factors():

@@ -71,8 +71,15 @@ class RankBudget:
         self.modules = [m for _, _, m in lora_pairs(peft_model)]
 
     @classmethod
-    def of(cls, model: nn.Module) -> RankBudget | None:
-        return cls(model) if _adalora_model(model) is not None else None
+    def of(cls, model: nn.Module, steps: int | None = None) -> RankBudget | None:
+        """None without an AdaLoRA adapter; `steps`: the run's optimiser steps, which the budget was scheduled over."""
+        if _adalora_model(model) is None:
+            return None
+        budget = cls(model)
+        if steps is not None and budget.config.total_step != steps:
+            raise SlimtuneError(f"the AdaLoRA adapter was attached for {budget.config.total_step} steps but this run has {steps}; "
+                                f"pass steps={steps} to attach_lora")
+        return budget
 
     @property
     def allocator(self):

@@ -169,7 +169,7 @@ class Trainer:
         self.distill = distill if distill is not None and distill.enabled else None
         self.teacher = dense_teacher(model, getattr(pruner, "gates", None), quant, getattr(importance, "handles", None)) if self.distill else None
         self.averager = WeightAverager(self.params, averaging, settings.steps) if averaging is not None and averaging.enabled else None
-        self.adalora = RankBudget.of(model)  # AdaLoRA: orthogonality penalty and rank reallocation
+        self.adalora = RankBudget.of(model, settings.steps)  # AdaLoRA: orthogonality penalty and rank reallocation
         self.log = Path(checkpoint_dir) / LOG if checkpoint_dir else None
         self.events = StepWriter(checkpoint_dir, enabled=self.world.main)  # TensorBoard, when installed
         check_precision(model, settings.mixed_precision)

@@ -157,6 +157,37 @@ def test_a_projection_cut_to_rank_0_saves_quietly_and_reloads_exactly(tmp_path, 
     torch.testing.assert_close(logits(again), want, rtol=0, atol=1e-12)
 
 
+def test_unstructured_qat_trains_lambda_and_keeps_every_pruned_weight_zero_and_a_code(monkeypatch):
+    """The quantised forward fake-quantises W0 + s·P·diag(λ)·Q: λ keeps its gradient while QAT is on."""
+    from slimtune import LoRAPruneConfig
+    from slimtune.api import prune_
+    from slimtune.models.arch import get_arch
+    from slimtune.pruning.pruner import PruneSettings
+    from slimtune.quant.qat import QuantSettings
+    from slimtune.training.loop import TrainSettings
+    from tests.test_qat import TOKENS, _qmodel
+
+    grads = []
+    after = RankBudget.after_step
+
+    def recording(self, step):
+        grads.append(sum(float(adapter_params(m)[1].grad.abs().sum()) for m in self.modules))
+        return after(self, step)
+
+    monkeypatch.setattr(RankBudget, "after_step", recording)
+    config = LoRAPruneConfig(criterion="grad", prune=PruneSettings(granularity="unstructured", sparsity=0.3, warmup=0.0, cooldown=0.25),
+                             lora=LoraSettings(r=4, alpha=8.0, dropout=0.0, variant="adalora"),
+                             train=TrainSettings(steps=8, batch_size=2, lr=5e-3, warmup_steps=0, checkpoint_every=0),
+                             quant=QuantSettings(spec="w4g32", quant_start=0.25))
+    result = prune_(_qmodel(), config, TOKENS, progress=False)
+    assert result.quant["start_step"] == 2 and len(grads) == 8 and all(g > 0 for g in grads[2:])
+    layers = get_arch(result.model).decoder_layers(result.model)
+    for (i, path), keep in result.masks.as_dict().items():
+        w = layers[i].get_submodule(path).weight.detach()
+        assert torch.equal(w[~keep], torch.zeros(int((~keep).sum())))
+        assert torch.equal(result.quantizers[i, path](w), w)  # every weight is on its quantiser's grid
+
+
 def test_settings_refuse_bad_values():
     for kw, match in [({"adalora_init_r": 3}, "--adalora-init-r"), ({"adalora_warmup": 0.6, "adalora_final": 0.5}, "leave no step"),
                       ({"adalora_final": 1.0}, "--adalora-final"), ({"adalora_every": 0}, "--adalora-every"), ({"adalora_orth": -1}, "--adalora-orth")]:
@@ -232,7 +263,8 @@ def test_kill_then_resume_gives_the_same_masks_and_adapter(tmp_path, cli_inputs,
         assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full), name
 
 
-@pytest.mark.parametrize("args, match", [(["--criterion", "grad", "--lora-pro"], "three"), (["--criterion", "grad", "--quant", "w4g8"], "not supported yet"),
+@pytest.mark.parametrize("args, match", [(["--criterion", "grad", "--lora-pro"], "three"),
+                                         (["--criterion", "grad", "--quant", "w4g8", "--granularity", "channels"], "not supported yet"),
                                          (["--criterion", "loraprune"], "no per-row or per-column")])
 def test_cli_refuses_what_adalora_cannot_do(tmp_path, cli_inputs, capsys, args, match):
     code, err = prune_cli(capsys, cli_inputs, tmp_path / "out", *args)

@@ -188,6 +188,40 @@ def test_unstructured_qat_trains_lambda_and_keeps_every_pruned_weight_zero_and_a
         assert torch.equal(result.quantizers[i, path](w), w)  # every weight is on its quantiser's grid
 
 
+def test_structured_qat_shrinks_the_factors_and_resumes_exactly(tmp_path, monkeypatch):
+    """Channels are sliced out of P and Q when QAT starts (the allocator's EMAs restart, as AdamW's do);
+    λ trains on, and a run killed after the shrink resumes to the same result."""
+    from slimtune import LoRAPruneConfig
+    from slimtune.api import prune_
+    from tests.test_qat import TOKENS, _config, _projections, _qmodel
+
+    config = _config(LoRAPruneConfig, steps=6, granularity="channels", sparsity=0.2, warmup=0.34, cooldown=0.34, train={"checkpoint_every": 1})
+    config = LoRAPruneConfig(criterion="grad", prune=config.prune, train=config.train, quant=config.quant,
+                             lora=LoraSettings(r=4, alpha=8.0, dropout=0.0, variant="adalora"))
+    shapes = []
+    after = RankBudget.after_step
+
+    def recording(self, step):
+        shapes.append([tuple(adapter_params(m)[0].shape) for m in self.modules])
+        assert all(adapter_params(m)[1].grad is not None for m in self.modules)
+        return after(self, step)
+
+    monkeypatch.setattr(RankBudget, "after_step", recording)
+    full = prune_(_qmodel(), copy.deepcopy(config), TOKENS, work_dir=tmp_path / "a", progress=False)
+    assert full.quant["shrunk_at_start"] and full.quant["start_step"] == 4
+    assert shapes[0] != shapes[-1]  # Q lost the pruned input columns of down_proj
+    widths = [layer.mlp.down_proj.in_features for layer in full.model.model.layers]
+    assert min(widths) < 160 and all(w % 32 == 0 for w in widths)
+    restore = interrupt_training_at(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        prune_(_qmodel(), copy.deepcopy(config), TOKENS, work_dir=tmp_path / "b", progress=False)
+    restore()
+    resumed = prune_(_qmodel(), copy.deepcopy(config), TOKENS, work_dir=tmp_path / "b", resume=True, progress=False)
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-5)
+    for (_, _, a), (_, _, b) in zip(_projections(full.model), _projections(resumed.model)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_settings_refuse_bad_values():
     for kw, match in [({"adalora_init_r": 3}, "--adalora-init-r"), ({"adalora_warmup": 0.6, "adalora_final": 0.5}, "leave no step"),
                       ({"adalora_final": 1.0}, "--adalora-final"), ({"adalora_every": 0}, "--adalora-every"), ({"adalora_orth": -1}, "--adalora-orth")]:
@@ -264,7 +298,6 @@ def test_kill_then_resume_gives_the_same_masks_and_adapter(tmp_path, cli_inputs,
 
 
 @pytest.mark.parametrize("args, match", [(["--criterion", "grad", "--lora-pro"], "three"),
-                                         (["--criterion", "grad", "--quant", "w4g8", "--granularity", "channels"], "not supported yet"),
                                          (["--criterion", "loraprune"], "no per-row or per-column")])
 def test_cli_refuses_what_adalora_cannot_do(tmp_path, cli_inputs, capsys, args, match):
     code, err = prune_cli(capsys, cli_inputs, tmp_path / "out", *args)

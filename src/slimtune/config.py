@@ -87,10 +87,6 @@ class MethodConfig(Sections):
             raise SlimtuneError("--quant trains the quantisers with the LoRA adapters, but --recover-steps 0 leaves no training; pass --recover-steps N or drop --quant")
         if self.lora.variant == "dora":
             raise SlimtuneError("--quant fake-quantises the merged weight W0 + s·B·A, which DoRA renormalises; use --lora-variant lora, rslora or pissa")
-        if self.lora.variant == "adalora" and self.quant_structured:
-            raise SlimtuneError("--quant with --lora-variant adalora and structured pruning is not supported yet: QAT shrinks the adapted model "
-                                "mid-run, which AdaLoRA's rank allocator cannot follow; prune --granularity unstructured or nm, or use "
-                                "--lora-variant lora, rslora or pissa")
         if self.averaging.enabled:
             raise SlimtuneError("--ema/--swa average the LoRA weights, but the quantiser steps were trained for the last ones; drop --ema/--swa with --quant")
         prunes_weights = self.prune.weight_level and (self.prune.sparsity > 0 or self.prune.granularity.strip().lower() == "nm")

@@ -118,6 +118,22 @@ class RankBudget:
             return total, total
         return sum(int(sum(v)) for v in pattern.values()), total
 
+    def slice_state(self, module: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
+        """Follow a projection being sliced to its kept output `rows` and input `cols` (export.shrink_, when
+        structured QAT starts): the importance EMAs of Q lose the columns, those of P the rows."""
+        if not hasattr(module, "lora_E"):
+            return
+        names = {id(p): n for n, p in self.inner.model.named_parameters()}
+        a = self.allocator
+        for factor, index, dim in ((module.lora_A, cols, 1), (module.lora_B, rows, 0)):
+            if index is None:
+                continue
+            for param in factor.values():
+                name = names.get(id(param))
+                for store in (a.ipt, a.exp_avg_ipt, a.exp_avg_unc):
+                    if name in store:
+                        store[name] = store[name].index_select(dim, index.to(store[name].device))
+
     # ---- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict:
         a = self.allocator

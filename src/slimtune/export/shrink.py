@@ -13,7 +13,9 @@ from ..models.arch import base_layer
 
 
 @torch.no_grad()
-def _slice_linear(module: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
+def _slice_linear(module: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None, on_slice=None) -> None:
+    if on_slice is not None:  # before any tensor is replaced: state kept per entry elsewhere follows the same slices
+        on_slice(module, rows, cols)
     base = base_layer(module)
     w = base.weight
     if rows is not None:
@@ -27,6 +29,12 @@ def _slice_linear(module: nn.Module, rows: torch.Tensor | None, cols: torch.Tens
     # PEFT LoRA wrapper: B's rows follow the output, A's columns follow the input.
     for name in getattr(module, "lora_A", {}) or {}:
         a, b = module.lora_A[name], module.lora_B[name]
+        if isinstance(a, nn.Parameter):  # AdaLoRA keeps bare factors: Q [r, in], P [out, r]
+            if cols is not None:
+                module.lora_A[name] = nn.Parameter(a[:, cols.to(a.device)].contiguous(), requires_grad=a.requires_grad)
+            if rows is not None:
+                module.lora_B[name] = nn.Parameter(b[rows.to(b.device)].contiguous(), requires_grad=b.requires_grad)
+            continue
         if cols is not None:
             a.weight = nn.Parameter(a.weight[:, cols.to(w.device)].contiguous(), requires_grad=a.weight.requires_grad)
             a.in_features = a.weight.shape[1]
@@ -38,8 +46,10 @@ def _slice_linear(module: nn.Module, rows: torch.Tensor | None, cols: torch.Tens
 
 
 @torch.no_grad()
-def shrink_(model: nn.Module, masks: StructuredMasks) -> dict:
-    """Slice pruned units out of `model` in place and update its config. Returns per-layer sizes."""
+def shrink_(model: nn.Module, masks: StructuredMasks, on_slice=None) -> dict:
+    """Slice pruned units out of `model` in place and update its config. Returns per-layer sizes.
+    `on_slice(module, rows, cols)` is called for each projection before it is sliced (kept row and
+    column indices, None for all)."""
     from ..models.arch import unwrap
 
     spec = masks.spec
@@ -52,7 +62,7 @@ def shrink_(model: nn.Module, masks: StructuredMasks) -> dict:
         if plan is None:
             continue
         for path, (r, c) in _slices(spec, plan).items():
-            _slice_linear(layer.get_submodule(path), r, c)
+            _slice_linear(layer.get_submodule(path), r, c, on_slice)
         n_heads, n_kv = len(plan.heads), len(plan.kv_heads)
         attn = layer.get_submodule(spec.attention)
         for key, value in spec.attention_attrs(n_heads, n_kv, plan.head_dim).items():

@@ -199,7 +199,8 @@ class QATPhase:
             if hasattr(importance, "remove"):
                 importance.remove()
             trainer.prune_step.importance = trainer.importance = None
-        self.shrink_info = shrink_(self.net, pruner.masks)
+        adalora = getattr(trainer, "adalora", None)  # its importance EMAs are kept per factor entry: slice them alike
+        self.shrink_info = shrink_(self.net, pruner.masks, on_slice=adalora.slice_state if adalora is not None else None)
         trainer.params = {n: p for n, p in self.net.named_parameters() if n in trainer.params}
         trained = {id(p) for p in trainer.params.values()}
         for p in self.net.parameters():  # e.g. base weights that took gradients for importance only

@@ -146,3 +146,20 @@ def cli_inputs(tmp_path_factory):
     paras = [f"Paragraph {i} talks about topic {i % 7} with some words and numbers {i * 13}." * 3 for i in range(60)]
     (root / "corpus.txt").write_text("\n\n".join(paras))
     return root / "tiny", root / "corpus.txt"
+
+
+def run_prune_cli(capsys, inputs, out, *args):
+    """`slimtune prune` of `cli_inputs` into `out`, micro-batch 2, with FAST_CLI; returns (exit code, stderr)."""
+    from slimtune.cli import main
+
+    model, data = inputs
+    code = main([str(a) for a in ("prune", "--model", model, "--data", data, "--out", out, "--batch-size", "2", *args, *FAST_CLI)])
+    return code, capsys.readouterr().err
+
+
+def assert_same_safetensors(a, b) -> None:
+    """The two files hold the same tensor names with bitwise equal values."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f"{a} and {b} differ"

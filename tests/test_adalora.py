@@ -12,12 +12,11 @@ import torch
 from slimtune.adapters import LoraSettings, attach_lora, lora_pairs
 from slimtune.adapters.adalora import RankBudget
 from slimtune.adapters.lora import adapter_params, adapter_product, is_adalora
-from slimtune.cli import main
 from slimtune.errors import SlimtuneError
 from slimtune.importance.loraprune import LoRAPruneImportance, enable_full_grad
 from slimtune.models.arch import base_weight
 from slimtune.training.loss import causal_lm_loss
-from tests.conftest import FAST_CLI, interrupt_training_at, tiny_model
+from tests.conftest import assert_same_safetensors, interrupt_training_at, run_prune_cli, tiny_model
 
 BATCH = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -238,14 +237,8 @@ def test_trainer_session_is_refused():
 
 
 # ---- the CLI end to end ---------------------------------------------------------------------------
-FAST = FAST_CLI
-
-
 def prune_cli(capsys, inputs, out, *args):
-    model, data = inputs
-    code = main([str(a) for a in ("prune", "--model", model, "--data", data, "--out", out, "--steps", "8", "--batch-size", "2",
-                                  "--lora-variant", "adalora", "--lora-r", "4", *args, *FAST)])
-    return code, capsys.readouterr().err
+    return run_prune_cli(capsys, inputs, out, "--steps", "8", "--lora-variant", "adalora", "--lora-r", "4", *args)
 
 
 def _lambdas(adapter_dir):
@@ -278,8 +271,6 @@ def test_budget_ends_at_r_per_projection_and_the_adapter_reloads(tmp_path, cli_i
 
 
 def test_kill_then_resume_gives_the_same_masks_and_adapter(tmp_path, cli_inputs, capsys, monkeypatch):
-    from safetensors.torch import load_file
-
     common = ["--criterion", "mask_fisher", "--granularity", "heads,channels", "--sparsity", "0.3", "--checkpoint-every", "2",
               "--prune-every", "1", "--no-eval"]
     code, err = prune_cli(capsys, cli_inputs, tmp_path / "full", *common)
@@ -293,8 +284,7 @@ def test_kill_then_resume_gives_the_same_masks_and_adapter(tmp_path, cli_inputs,
     code, err = prune_cli(capsys, cli_inputs, tmp_path / "resumed", *common, "--resume")
     assert code == 0, err
     for name in ("pruning_masks.safetensors", "adapters/adapter_model.safetensors"):
-        full, resumed = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
-        assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full), name
+        assert_same_safetensors(tmp_path / "full" / name, tmp_path / "resumed" / name)
 
 
 @pytest.mark.parametrize("args, match", [(["--criterion", "grad", "--lora-pro"], "three"),

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slimtune.cli import main
-from tests.conftest import ByteTokenizerFactory, interrupt_training_at, tiny_model
+from tests.conftest import ByteTokenizerFactory, assert_same_safetensors, interrupt_training_at, tiny_model
 
 FAST = ["--seq-len", "16", "--eval-windows", "2", "--latency-seq-len", "8", "--latency-repeats", "1", "--decode-tokens", "2", "--quiet"]
 
@@ -191,7 +191,6 @@ def test_weight_level_pruning_end_to_end(tmp_path, tiny_dir, text_file, capsys, 
 
 
 def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
-    from safetensors.torch import load_file
 
 
     common = ["prune", "--model", tiny_dir, "--data", text_file, "--sparsity", "0.4", "--granularity", "heads,channels", "--steps", "6", "--batch-size", "2",
@@ -215,10 +214,7 @@ def test_kill_then_resume_gives_the_same_masks(tmp_path, tiny_dir, text_file, ca
     restore()
     code, _, err = _run(capsys, *common, "--out", tmp_path / "resumed", "--resume")
     assert code == 0, err
-    full = load_file(tmp_path / "full" / "pruning_masks.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "pruning_masks.safetensors")
-    assert full.keys() == resumed.keys()
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert_same_safetensors(tmp_path / "full" / "pruning_masks.safetensors", tmp_path / "resumed" / "pruning_masks.safetensors")
     a = json.loads((tmp_path / "full" / "report.json").read_text())["history"]
     b = json.loads((tmp_path / "resumed" / "report.json").read_text())["history"]
     assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], rel=1e-5)

@@ -9,14 +9,19 @@ import pytest
 import torch
 
 from slimtune.adapters import LoraSettings, attach_lora, lora_pairs, lora_weights, scaling
-from slimtune.cli import main
 from slimtune.errors import SlimtuneError
 from slimtune.importance import MovementImportance, SevenImportance, make_importance
 from slimtune.importance.base import projection_weights
 from slimtune.importance.loraprune import enable_full_grad
 from slimtune.importance.reduce import unit_scores
 from slimtune.models.arch import get_arch
-from tests.conftest import FAST_CLI, count_host_reads, interrupt_training_at, tiny_model
+from tests.conftest import (
+    assert_same_safetensors,
+    count_host_reads,
+    interrupt_training_at,
+    run_prune_cli,
+    tiny_model,
+)
 
 CLASSES = {"movement": MovementImportance, "seven": SevenImportance}
 
@@ -318,13 +323,8 @@ def test_observe_reads_back_to_the_host_once_per_step(monkeypatch, name):
 
 
 # ---- the CLI end to end ---------------------------------------------------------------------------
-FAST = FAST_CLI
-
-
 def prune_cli(capsys, inputs, out, *args):
-    model, data = inputs
-    code = main([str(a) for a in ("prune", "--model", model, "--data", data, "--out", out, "--steps", "4", "--batch-size", "2", *args, *FAST)])
-    return code, capsys.readouterr().err
+    return run_prune_cli(capsys, inputs, out, "--steps", "4", *args)
 
 
 @pytest.mark.parametrize("name, gran", [("movement", "heads,channels"), ("seven", "channels"), ("movement", "unstructured"), ("seven", "unstructured")])
@@ -337,8 +337,6 @@ def test_prune_end_to_end(tmp_path, cli_inputs, capsys, name, gran):
 
 @pytest.mark.parametrize("name, gran", [("seven", "unstructured"), ("movement", "heads,channels")])
 def test_kill_then_resume_gives_the_same_masks(tmp_path, cli_inputs, capsys, monkeypatch, name, gran):
-    from safetensors.torch import load_file
-
     common = ["--criterion", name, "--granularity", gran, "--sparsity", "0.3", "--checkpoint-every", "2", "--prune-every", "1", "--no-eval"]
     code, err = prune_cli(capsys, cli_inputs, tmp_path / "full", *common)
     assert code == 0, err
@@ -348,5 +346,4 @@ def test_kill_then_resume_gives_the_same_masks(tmp_path, cli_inputs, capsys, mon
     restore()
     code, err = prune_cli(capsys, cli_inputs, tmp_path / "resumed", *common, "--resume")
     assert code == 0, err
-    full, resumed = load_file(tmp_path / "full" / "pruning_masks.safetensors"), load_file(tmp_path / "resumed" / "pruning_masks.safetensors")
-    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    assert_same_safetensors(tmp_path / "full" / "pruning_masks.safetensors", tmp_path / "resumed" / "pruning_masks.safetensors")

@@ -47,13 +47,18 @@ def _default(f: dataclasses.Field):
     return None
 
 
+def flag_for(f: dataclasses.Field, prefix: str = "") -> str:
+    """The option a field becomes: its `flag` metadata, else `--<prefix><name>`."""
+    return f.metadata.get("flag") or "--" + prefix + f.name.replace("_", "-")
+
+
 def add_fields(parser: argparse.ArgumentParser, cls, prefix: str = "", section: str = "", skip: tuple[str, ...] = ()) -> None:
     """Add one option per field of dataclass `cls`; values land in `section.field` dests."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init or f.name in skip or f.metadata.get("cli") is False or dataclasses.is_dataclass(hints[f.name]):
             continue
-        flag = f.metadata.get("flag") or "--" + prefix + f.name.replace("_", "-")
+        flag = flag_for(f, prefix)
         dest = f"{section}.{f.name}" if section else f.name
         tp, _ = _unwrap(hints[f.name])
         default = _default(f)

@@ -381,7 +381,7 @@ def _export_section(report: dict, job: PruneJob) -> str:
 RESUME_FILE = "job.json"
 # options that change what a run computes; the others (--quiet, --out, evaluation sizes ...) may differ on --resume
 RESULT_FIELDS = ("model", "data", "seq_len", "dtype", "criterion", "calib_batches", "recover_steps", "prune", "train", "lora", "distill", "averaging", "quant")
-FLAGS = {"quant.spec": "--quant", "quant.gguf_blocks": "--export"}  # settings whose flag is not --<field name>
+FLAGS = {"quant.gguf_blocks": "--export"}  # settings set by another option than their own
 NEUTRAL = {"train.checkpoint_every", "train.compile"}  # compiled kernels compute the same step
 # options added later, with the value that computes what runs from before them computed
 ADDED = {"train.lora_plus_ratio": 1.0, "lora.ga_batches": 4, "lora.ga_gamma": 16.0, "train.lora_pro": False,
@@ -394,11 +394,20 @@ def _flat(obj, prefix=""):
     return {prefix.rstrip("."): obj}
 
 
-def _flag(key: str) -> str:
-    """The CLI flag of a flattened setting ("lora.r" -> --lora-r; AdaLoRA's own flags carry no lora- prefix)."""
+def _flag(job: PruneJob, key: str) -> str:
+    """The CLI flag of a flattened setting, as the generated parser names it ("lora.r" -> --lora-r,
+    "lora.adalora_init_r" -> --adalora-init-r)."""
+    import dataclasses
+
+    from .cli import SECTIONS
+    from .cli_gen import flag_for
+
     section, _, name = key.rpartition(".")
-    prefix = "lora-" if section == "lora" and not name.startswith("adalora") else ""
-    return "--" + prefix + name.replace("_", "-")
+    owner = getattr(job, section) if section else job
+    field_ = next((f for f in dataclasses.fields(owner) if f.name == name), None) if dataclasses.is_dataclass(owner) else None
+    if field_ is None:
+        return "--" + name.replace("_", "-")
+    return flag_for(field_, dict(SECTIONS).get(section, ""))
 
 
 def _check_resume(job: PruneJob, work: Path) -> None:
@@ -416,7 +425,7 @@ def _check_resume(job: PruneJob, work: Path) -> None:
             if key not in before and key in ADDED and settings.get(key) == ADDED[key]:
                 continue
             if before.get(key) != settings.get(key):
-                flag = FLAGS.get(key) or _flag(key)
+                flag = FLAGS.get(key) or _flag(job, key)
                 raise SlimtuneError(f"cannot resume: {key} was {before.get(key)!r} in the interrupted run and is {settings.get(key)!r} now; "
                                     f"resume with the original {flag}, or start over without --resume")
         return

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from ..errors import SlimtuneError
-from .lora import LoraSettings, lora_pairs, lora_weights
+from .lora import LoraSettings, is_adalora, lora_pairs, lora_weights
 
 BETA = 0.85  # β₁ = β₂, the paper's and PEFT's
+EMAS = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # the allocator's per-entry state, keyed by the wrapped model's parameter names
 
 
 def init_rank(settings: LoraSettings) -> int:
@@ -69,6 +70,8 @@ class RankBudget:
         self.peft_model, self.inner = peft_model, _adalora_model(peft_model)
         self.config = self.inner.peft_config[self.inner.trainable_adapter_name]
         self.modules = [m for _, _, m in lora_pairs(peft_model)]
+        # where each adapted module sits in the wrapped model: the allocator's keys are "<that>.lora_A.<adapter>"
+        self._where = {id(m): n for n, m in self.inner.model.named_modules() if is_adalora(m)}
 
     @classmethod
     def of(cls, model: nn.Module, steps: int | None = None) -> RankBudget | None:
@@ -121,34 +124,26 @@ class RankBudget:
     def slice_state(self, module: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
         """Follow a projection being sliced to its kept output `rows` and input `cols` (export.shrink_, when
         structured QAT starts): the importance EMAs of Q lose the columns, those of P the rows."""
-        if not hasattr(module, "lora_E"):
+        if not is_adalora(module):
             return
-        names = {id(p): n for n, p in self.inner.model.named_parameters()}
-        a = self.allocator
-        for factor, index, dim in ((module.lora_A, cols, 1), (module.lora_B, rows, 0)):
+        for factor, index, dim in (("lora_A", cols, 1), ("lora_B", rows, 0)):
             if index is None:
                 continue
-            for param in factor.values():
-                name = names.get(id(param))
-                for store in (a.ipt, a.exp_avg_ipt, a.exp_avg_unc):
+            for adapter in getattr(module, factor):
+                name = f"{self._where[id(module)]}.{factor}.{adapter}"
+                for store in (getattr(self.allocator, key) for key in EMAS):
                     if name in store:
                         store[name] = store[name].index_select(dim, index.to(store[name].device))
 
     # ---- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict:
-        a = self.allocator
-        return {
-            "ipt": {k: v.detach().cpu() for k, v in a.ipt.items()},
-            "exp_avg_ipt": {k: v.detach().cpu() for k, v in a.exp_avg_ipt.items()},
-            "exp_avg_unc": {k: v.detach().cpu() for k, v in a.exp_avg_unc.items()},
-            "rank_pattern": self.config.rank_pattern,
-        }
+        emas = {key: {k: v.detach().cpu() for k, v in getattr(self.allocator, key).items()} for key in EMAS}
+        return {**emas, "rank_pattern": self.config.rank_pattern}
 
     def load_state_dict(self, state: dict | None) -> None:
         if state is None:
             raise SlimtuneError("the checkpoint has no AdaLoRA state (it was made with another --lora-variant); resume with the original options")
         params = dict(self.inner.model.named_parameters())  # PEFT names the state after the wrapped model's parameters
-        a = self.allocator
-        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
-            setattr(a, key, {k: v.to(params[k].device) for k, v in state[key].items()})
+        for key in EMAS:
+            setattr(self.allocator, key, {k: v.to(params[k].device) for k, v in state[key].items()})
         self.config.rank_pattern = state["rank_pattern"]

@@ -225,12 +225,6 @@ class LoRAPruneImportance(Importance):
         """S for one projection [out, in] fp32, or None when it has no gradient this step."""
         w0 = self._weights[key]
         lora = self._lora.get(key)
-        if lora is not None and is_adalora(lora):  # three factors: the batched form covers them
-            if not self._has_grad(key):
-                return None
-            g, w = self._gradient_and_weight([key])
-            s = w.abs_() if g is None else w.mul_(g).abs_()
-            return (s.square_() if self.power == 2 else s)[0]
         if self.metric == "lora":
             A, B = lora_weights(lora)
             if A.grad is None or B.grad is None:
@@ -241,8 +235,8 @@ class LoRAPruneImportance(Importance):
                 return None
             g = _fp32(w0.grad)
         if lora is not None:
-            A, B = lora_weights(lora)
-            w = torch.addmm(_fp32(w0), _fp32(B), _fp32(A), alpha=scaling(lora))  # W0 + s·B·A
+            A, B, scale = adapter_product(lora)  # AdaLoRA: A = λ ⊙ Q
+            w = torch.addmm(_fp32(w0), _fp32(B), _fp32(A), alpha=scale)  # W0 + s·B·A
         else:
             w = _fp32(w0).clone()  # a copy: the in-place ops below must not touch W0
         s = w.abs_() if self.metric == "magnitude" else w.mul_(g).abs_()
@@ -351,7 +345,7 @@ class LoRAPruneImportance(Importance):
             products = [adapter_product(m) for m in loras]  # AdaLoRA: A = λ ⊙ Q
             A = self._stack([a for a, _, _ in products])  # [n, r, in]
             B = self._stack([b for _, b, _ in products])  # [n, out, r]
-            w.baddbmm_(B, A, alpha=scaling(loras[0]))  # W0 + s·B·A
+            w.baddbmm_(B, A, alpha=products[0][2])  # W0 + s·B·A (the group shares s)
         if self.metric == "grad":
             return self._stack([w0.grad for w0 in w0s]), w
         if self.metric != "lora":

@@ -134,6 +134,27 @@ def test_merge_keeps_structured_pruning_exact(variant):
     gates.remove()
 
 
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_merge_makes_a_pruned_layer_the_identity_its_gate_was(fam):
+    """A whole pruned layer: merged but not shrunk, it used to compute again with its merged weights
+    (logits off by about 1.4). Now every head and channel goes, and OPT's output biases with them."""
+    model = attach_lora(tiny_model(fam), LoraSettings(r=4, dropout=0.0))
+    spec = get_arch(model)
+    masks = StructuredMasks(model)
+    masks.set(1, layer=0.0)
+    gates = attach_gates(model, masks)
+    train_a_little(model)
+    gated = logits(model)
+    merged = merge_keep_masks(model, masks)
+    layer = spec.decoder_layers(merged)[1]
+    for path in spec.projections():
+        assert not layer.get_submodule(path).weight.any(), path
+    if fam == "opt":
+        assert not layer.get_submodule(spec.o).bias.any() and not layer.get_submodule(spec.mlp_out).bias.any()
+    torch.testing.assert_close(logits(merged), gated, atol=1e-5, rtol=1e-5)
+    gates.remove()
+
+
 def test_merge_keeps_unstructured_zeros():
     model = attach_lora(tiny_model("llama"), LoraSettings(r=4, dropout=0.0))
     spec = get_arch(model)

@@ -117,6 +117,23 @@ def test_unknown_config_type_is_refused():
         prune_(tiny_model("llama"), Other())
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"criterion": "grad"}, "criterion 'grad' reads the full weight gradients.*criterion 'loraprune'"),
+    ({"criterion": "movement_grad"}, "criterion 'movement_grad'.*criterion 'movement'"),
+    ({"distill": slimtune.DistillSettings(enabled=True)}, "cannot apply --distill inside"),
+    ({"averaging": slimtune.AveragingSettings(ema=0.9, export="ema")}, "cannot apply --ema / --swa inside"),
+    ({"train": TrainSettings(steps=6, lora_pro=True, lora_plus_ratio=16)}, "cannot apply --lora-pro, --lora-plus-ratio inside.*B matrices"),
+])
+def test_session_refuses_what_a_trainer_callback_cannot_apply(change, match):
+    """These ran silently before: the grad criteria put every base weight into the Trainer's
+    optimiser (full fine-tuning, and W0's gradients in the clipping norm); distillation, averaging,
+    LoRA-Pro and LoRA+ were never applied."""
+    from dataclasses import replace
+
+    with pytest.raises(SlimtuneError, match=match):
+        slimtune.PruneSession(tiny_model("llama"), replace(_config(), **change), total_steps=6)
+
+
 def test_session_in_a_trainer_matches_prune_(tmp_path):
     """The Trainer-callback path (three calls) reaches the same masks as slimtune's own loop on the
     same batches: one step order, written once (defect 8)."""

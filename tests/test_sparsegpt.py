@@ -140,3 +140,24 @@ def test_layerwise_sparsegpt_in_bfloat16_keeps_dtype_and_zeros():
         assert w.dtype == torch.bfloat16 and bool(torch.isfinite(w).all())
         assert bool((w[~masks.mask(i, path)] == 0).all())
         assert bool((masks.mask(i, path).view(w.shape[0], -1, 4).sum(-1) == 2).all())
+
+
+def test_raised_dampening_is_reported_not_swallowed(monkeypatch):
+    """The retries used to raise the dampening up to 1000x without a word. sparsegpt_prune reports
+    what it used, and prune_layerwise names every projection that needed more than asked."""
+    h = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.9]))  # 1% of the mean diagonal cannot make it positive definite
+    used = {}
+    sparsegpt_prune(torch.randn(4, 4), h, 0.5, blocksize=4, percdamp=0.01, used=used)
+    assert used["percdamp"] == pytest.approx(10.0)
+
+    import slimtune.pruning.sparsegpt as sg
+    from slimtune.pruning.layerwise import prune_layerwise
+    from tests.conftest import tiny_model
+
+    real = sg.inverse_hessian_factor
+    stubborn = {"layer 1 mlp.down_proj"}  # as if this one Hessian had needed one retry
+    monkeypatch.setattr(sg, "inverse_hessian_factor", lambda hess, percdamp, name="": real(hess, percdamp * 10 if name in stubborn else percdamp, name))
+    damping = {}
+    tok = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    prune_layerwise(tiny_model("llama"), tok, "sparsegpt", 0.5, batch_size=4, damping=damping)
+    assert damping == {"layer 1 mlp.down_proj": pytest.approx(0.1)}

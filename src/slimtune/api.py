@@ -300,13 +300,38 @@ def _layerwise(model, config: LayerwiseConfig, data, run: _Run) -> PruneResult:
     per_module = 0.0 if nm else module_fraction_for(model, spec, excluded, s.sparsity)
     bs = config.train.batch_size
     calib = torch.cat([batch_at(data, bs, config.train.seed + 1, b) for b in range(config.calib_batches)])
+    damping: dict[str, float] = {}
     masks = prune_layerwise(model, calib, config.criterion, per_module, nm=nm, excluded=excluded, batch_size=bs,
-                            blocksize=config.blocksize, percdamp=config.percdamp, progress=run.progress)
+                            blocksize=config.blocksize, percdamp=config.percdamp, progress=run.progress, damping=damping)
     target = masks.sparsity_of_decoder(model) if nm else s.sparsity
     net = _attach(model, config, run, data) if config.uses_lora else model
     pruner = FixedMasks(net, masks, s.nm if nm else "unstructured", target)
+    if damping:  # the report says where SparseGPT's Hessian needed more than --percdamp
+        pruner.info["sparsegpt_damping_raised"] = damping
     history = _train(net, data, config, None, pruner, run) if config.uses_lora else []
     return _finish(model, net if config.uses_lora else None, pruner, history, run)
+
+
+def _refuse_in_trainer(config: LoRAPruneConfig) -> None:
+    """Settings that slimtune's own loop applies and a Trainer callback cannot: refused, never ignored.
+    (Steps, learning rate, batch size, clipping and precision are the Trainer's own arguments.)"""
+    after = "; run it through slimtune.prune_ or the CLI"
+    if _reads_weight_grad(config):
+        lora_twin = {"grad": "loraprune"}.get(config.criterion, config.criterion.removesuffix("_grad"))
+        raise SlimtuneError(f"criterion '{config.criterion}' reads the full weight gradients, which a transformers Trainer would "
+                            f"clip together with the adapters' (and train, if its optimiser saw them){after}, or use the LoRA-gradient "
+                            f"criterion '{lora_twin}'")
+    unsupported = {
+        "--distill": config.distill.enabled,
+        "--ema / --swa": config.averaging.enabled or config.averaging.export != "last",
+        "--lora-pro": config.train.lora_pro,
+        "--lora-plus-ratio": config.train.lora_plus_ratio != 1.0,
+    }
+    named = [flag for flag, on in unsupported.items() if on]
+    if named:
+        hint = " (for LoRA+, give your Trainer an optimiser with the B matrices in a faster group)" if unsupported["--lora-plus-ratio"] else ""
+        raise SlimtuneError(f"PruneSession cannot apply {', '.join(named)} inside a transformers Trainer{after}, or drop "
+                            f"{'it' if len(named) == 1 else 'them'}{hint}")
 
 
 class PruneSession:
@@ -326,6 +351,7 @@ class PruneSession:
         if config.lora.variant == "adalora":
             raise SlimtuneError("AdaLoRA adds an orthogonality term to the loss and reallocates ranks after every step, which a transformers "
                                 "Trainer callback cannot do; run it through slimtune.prune_ or the CLI, or use another --lora-variant")
+        _refuse_in_trainer(config)
         check_config(model, config)
         self._base, self.config = model, config
         # PiSSA converts its adapter against the initial one at save time: keep that in a temp dir
@@ -335,8 +361,6 @@ class PruneSession:
         self.pruner = make_pruner(self.model, config.prune, self.importance, total_steps=total_steps)
         if hasattr(self.importance, "loss_term"):
             raise SlimtuneError(f"criterion '{config.criterion}' adds a term to the loss, which a transformers Trainer does not know; run it through slimtune.prune_ or the CLI")
-        if _reads_weight_grad(config):
-            enable_full_grad(self.model)
         self.callback = PruneCallback(self.pruner, self.importance)
 
     def finish(self, adapter_dir: str | Path | None = None, base_name: str | None = None) -> PruneResult:

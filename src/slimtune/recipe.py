@@ -248,6 +248,12 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     if sp.get("shortfall", 0.0) > 5e-4:
         print(f"[slimtune] warning: reached sparsity {sp['achieved']:.4f}, {sp['shortfall']:.4f} short of the target {sp['target']}: "
               "the granularity's units are too coarse for an exact hit", file=sys.stderr)
+    raised = sp.get("sparsegpt_damping_raised")
+    if raised:
+        worst = max(raised, key=raised.get)
+        print(f"[slimtune] warning: SparseGPT's Hessian of {len(raised)} projection(s) factored only with more dampening than "
+              f"--percdamp {config.percdamp:g} (up to {raised[worst]:g}, {worst}; all in report.json): their weight updates are "
+              "more conservative; calibrate on more tokens (--calib-batches) to avoid it", file=sys.stderr)
     over = sp.get("achieved", 0.0) - sp.get("target", 0.0)
     if over > 0.01:  # a fraction of one unit is expected; more means the units are coarse for this model
         print(f"[slimtune] warning: removed {sp['achieved']:.4f} of the decoder, {over:.4f} more than the target {sp['target']}: "

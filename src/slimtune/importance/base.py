@@ -62,6 +62,11 @@ class Importance:
     signed: bool = False  # True when scores are signed (g*w): sum per group first, then take |.|
 
     @classmethod
+    def scores_for(cls, options: dict) -> frozenset[str]:
+        """`scores` for the given constructor options (a variant may score fewer granularities)."""
+        return cls.scores
+
+    @classmethod
     def needs_data_for(cls, options: dict) -> bool:
         """`needs_data` for the given constructor options (a criterion may vary with them)."""
         return cls.needs_data

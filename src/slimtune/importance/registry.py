@@ -24,7 +24,7 @@ class Criterion:
 
     @property
     def scores(self) -> frozenset[str]:
-        return self.cls.scores
+        return self.cls.scores_for(self.options)
 
     @property
     def mode(self) -> str:

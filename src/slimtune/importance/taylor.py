@@ -49,6 +49,7 @@ class TaylorImportance(Importance):
             raise SlimtuneError(f"unknown Taylor variant '{variant}'; choose one of {', '.join(VARIANTS)}")
         self.variant, self.use_hooks = variant, use_hooks
         self.signed = variant == "vector"
+        self.scores = self.scores_for({"variant": variant})
         self.steps = 0
         self._weights = {(i, path): w for i, path, w in projection_weights(model, self.spec)}
         self._grad_sum: dict[tuple[int, str], torch.Tensor] = {}  # G (not for fisher)
@@ -62,6 +63,12 @@ class TaylorImportance(Importance):
         if use_hooks:
             for key, w in self._weights.items():
                 self._handles.append(w.register_post_accumulate_grad_hook(self._hook(key)))
+
+    @classmethod
+    def scores_for(cls, options: dict) -> frozenset[str]:
+        """The vector variant is a group score (|Σ_group G ⊙ W|): of one weight it would be element1's
+        |G·W|, and its signed elements must not be ranked as they are, so it leaves weights to taylor."""
+        return cls.scores - {"weights"} if options.get("variant") == "vector" else cls.scores
 
     def _hook(self, key):
         def hook(param: torch.Tensor) -> None:

@@ -130,20 +130,27 @@ def zero_pruned_weights(model: nn.Module, masks: StructuredMasks) -> None:
     """Write zeros into the weights of pruned units (rows of q/k/v/gate/up, columns of o/down).
 
     Gates alone already make the forward exact; zeroing the weights too keeps a model that is
-    saved *without* shrinking (e.g. for inspection) honest about what was pruned.
+    saved *without* shrinking (e.g. for inspection) honest about what was pruned. A pruned layer
+    loses every head and channel, and the biases of o_proj and down_proj, so both residual branches
+    add exactly 0: in a pre-norm block (every supported architecture but OPT-350m's post-norm) the
+    layer is then the identity its gate made it. `shrink_` removes it either way.
     """
     spec = masks.spec
     for i, layer in enumerate(spec.decoder_layers(model)):
         g = masks.geometry[i]
-        head_rows = masks.heads(i).repeat_interleave(g.head_dim).bool()
-        kv_rows = masks.kv_heads(i).repeat_interleave(g.head_dim).bool()
-        chan = masks.channels(i).bool()
+        kept = masks.layer(i).bool()  # 0-d: a pruned layer keeps nothing
+        head_rows = masks.heads(i).repeat_interleave(g.head_dim).bool() & kept
+        kv_rows = masks.kv_heads(i).repeat_interleave(g.head_dim).bool() & kept
+        chan = masks.channels(i).bool() & kept
         for path, rows in ((spec.q, head_rows), (spec.k, kv_rows), (spec.v, kv_rows)):
             _zero_rows(layer.get_submodule(path), ~rows)
         for path in spec.mlp_in:
             _zero_rows(layer.get_submodule(path), ~chan)
-        base_layer(layer.get_submodule(spec.o)).weight[:, ~head_rows] = 0
-        base_layer(layer.get_submodule(spec.mlp_out)).weight[:, ~chan] = 0
+        for path, cols in ((spec.o, head_rows), (spec.mlp_out, chan)):
+            out = base_layer(layer.get_submodule(path))
+            out.weight[:, ~cols] = 0
+            if out.bias is not None and not kept:
+                out.bias.zero_()
 
 
 def _zero_rows(module: nn.Module, rows: torch.Tensor) -> None:

@@ -114,6 +114,7 @@ def prune_layerwise(
     blocksize: int = 128,
     percdamp: float = 0.01,
     progress: bool = False,
+    damping: dict[str, float] | None = None,
 ) -> WeightMasks:
     """Prune the decoder projections of `model` in place, one decoder layer at a time, and return
     the masks (True = kept). See the module docstring for the methods and what `sparsity` means.
@@ -122,6 +123,8 @@ def prune_layerwise(
     excluded: decoder layer indices left dense (they still run, feeding the next layer).
     batch_size: calibration sequences per layer call.
     blocksize, percdamp: SparseGPT's column block (128) and dampening (0.01·mean diag H).
+    damping: if given, gets {"layer i path": percdamp} for every projection whose Hessian needed
+    more dampening than `percdamp` to factor (each retry multiplies it by 10).
     """
     spec = get_arch(model)
     excluded = frozenset(int(i) for i in excluded)
@@ -163,8 +166,11 @@ def prune_layerwise(
                 else:
                     for p in paths:
                         w = base_weight(layer.get_submodule(p))
-                        keep, _ = sparsegpt_prune(w.data, stats.take_hessian(p), sparsity, nm, blocksize, percdamp, f"layer {i} {p}")
+                        used = {}
+                        keep, _ = sparsegpt_prune(w.data, stats.take_hessian(p), sparsity, nm, blocksize, percdamp, f"layer {i} {p}", used)
                         masks.set_mask(i, p, keep)
+                        if damping is not None and used["percdamp"] != percdamp:
+                            damping[f"layer {i} {p}"] = used["percdamp"]
                 del stats
             if i < len(layers) - 1:
                 run_layer(layer, inputs, i)  # the pruned layer's outputs feed layer i+1

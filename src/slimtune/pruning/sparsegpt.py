@@ -92,6 +92,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     name: str = "",
+    used: dict | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Prune `weight` [out, in] in place (zeros at pruned entries, the kept ones updated) from the
     layer Hessian `hessian` [in, in] = 2·XᵀX / tokens (consumed: modified in place).
@@ -99,7 +100,8 @@ def sparsegpt_prune(
     Unstructured: exactly int(out·in·sparsity) weights are pruned. N:M (nm=(n, m)): exactly n kept
     in every m consecutive inputs of every row; `sparsity` is then ignored. Returns (keep mask,
     bool [out, in], True = kept; the OBS loss Σ (w−q)²/U_cc² / 2, which equals ‖(W − Ŵ)Xᵀ‖² / tokens
-    when percdamp is 0)."""
+    when percdamp is 0). `used`, if given, gets the dampening the factorisation needed ("percdamp"),
+    which is above the requested one when the retries raised it."""
     out_f, in_f = weight.shape
     if tuple(hessian.shape) != (in_f, in_f):
         raise RuntimeError(f"Hessian of {name} is {tuple(hessian.shape)}, expected {(in_f, in_f)}")
@@ -115,7 +117,9 @@ def sparsegpt_prune(
     H = hessian.float()
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0
-    U, _ = inverse_hessian_factor(H, percdamp, name)
+    U, damp = inverse_hessian_factor(H, percdamp, name)
+    if used is not None:
+        used["percdamp"] = damp
     del H, hessian
 
     W = weight.detach().float().clone()

@@ -177,7 +177,9 @@ class LSQPlusQuantizer(WeightQuantizer):
 
     @torch.no_grad()
     def reset_parameters(self, weight: Tensor) -> None:
-        """Min/max init (LSQ+ §3.3): s = (max - min)/(qmax - qmin), β = min - qmin·s."""
+        """Min/max init (LSQ+ §3.3): s = (max - min)/(qmax - qmin), β = min - qmin·s. The paper gives
+        this for its affine (activation) ranges; its weight init, s = max(|μ−3σ|, |μ+3σ|)/2^(b−1), is
+        for a symmetric range with β = 0, which this affine weight quantiser does not have."""
         self._check(weight)
         wg = to_groups(weight.detach().float(), self.group)
         lo, hi = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)

@@ -54,7 +54,7 @@ class QuantSettings:
     spec: str | None = field(default=None, metadata=_help("quantisation-aware training of the decoder projections: w<bits>[g<group>][a], e.g. w4g32, w8, w4g32a (a = affine); off when not given", flag="--quant"))
     quantizer: str = field(default="lsq", metadata=_help("fake: PyTorch FakeQuantize (min/max observer); lsq: learned step size (symmetric specs); lsq+: learned step and offset (affine specs)", choices=tuple(QUANTIZERS)))
     quant_start: float | None = field(default=None, metadata=_help("fraction of the steps before fake quantisation turns on (default: when the pruning ramp ends for progressive pruning, else 0)"))
-    quant_init: str = field(default="mse", metadata=_help("where lsq/lsq+ step sizes start: mse (least rounding error per group, suits pretrained weights) or paper (LSQ 2·mean|w|/sqrt(Q_P), LSQ+ min/max)", choices=INITS))
+    quant_init: str = field(default="mse", metadata=_help("where lsq/lsq+ step sizes start: mse (least rounding error per group, suits pretrained weights) or paper (LSQ: 2·mean|w|/sqrt(Q_P); LSQ+: the paper's min/max init of affine ranges, since its 3σ weight init is for a symmetric range with no offset)", choices=INITS))
     quant_lr: float | None = field(default=None, metadata=_help("AdamW learning rate of the quantiser step sizes and offsets, on the same schedule (default: --lr / 10)"))
     gguf_blocks: bool = field(default=False, metadata={"cli": False})  # set by --export gguf: quantised widths must split into blocks of 32
 

@@ -14,7 +14,7 @@ from slimtune.adapters.adalora import RankBudget
 from slimtune.adapters.lora import adapter_params, adapter_product, is_adalora
 from slimtune.errors import SlimtuneError
 from slimtune.importance.loraprune import LoRAPruneImportance, enable_full_grad
-from slimtune.models.arch import base_weight
+from slimtune.models.arch import base_weight, get_arch
 from slimtune.training.loss import causal_lm_loss
 from tests.conftest import assert_same_safetensors, interrupt_training_at, run_prune_cli, tiny_model
 
@@ -293,3 +293,13 @@ def test_cli_refuses_what_adalora_cannot_do(tmp_path, cli_inputs, capsys, args, 
     code, err = prune_cli(capsys, cli_inputs, tmp_path / "out", *args)
     assert code == 2 and match in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_pruning_counts_no_adapter_tensor_as_a_decoder_parameter():
+    """The audit's report said 123,420 -> 98,460 where the saved model has 123,392 -> 98,432: AdaLoRA's
+    `ranknum` (one Parameter per projection) was counted with the decoder."""
+    from slimtune.models.arch import own_params
+
+    plain = tiny_model("llama")
+    wrapped = attach_lora(tiny_model("llama"), LoraSettings(r=4, variant="adalora"), steps=10)
+    assert own_params(get_arch(wrapped).decoder_layers(wrapped)) == own_params(plain.model.layers)

@@ -247,3 +247,17 @@ def test_save_adapters_errors(tmp_path):
     one_line(lambda: save_adapters(pissa, tmp_path / "p", initial_dir=tmp_path / "empty"), "no initial adapter in")
     other = save_initial_adapters(attach_lora(tiny_model("llama"), LoraSettings(r=2, variant="pissa")), tmp_path / "r2")
     one_line(lambda: save_adapters(pissa, tmp_path / "p", initial_dir=other), "has r=2, alpha=16.0, not r=4")
+
+
+def test_lm_head_tied_to_the_embedding_is_refused_as_a_target():
+    """With tie_word_embeddings (SmolLM2), merging a LoRA on lm_head wrote B·A into the shared tensor:
+    the saved model's input embedding was not the one trained with (logits off by 2.7 in the audit)."""
+    from slimtune.adapters.lora import lora_targets
+
+    tied = tiny_model("llama", tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+    with pytest.raises(SlimtuneError, match="lm_head shares its weight with the input embedding.*drop it from --lora-targets"):
+        lora_targets(tied, LoraSettings(targets=["q_proj", "lm_head"]))
+    assert lora_targets(tied, LoraSettings(targets=["q_proj"])) == ["q_proj"]
+    untied = tiny_model("llama")
+    assert lora_targets(untied, LoraSettings(targets=["q_proj", "lm_head"])) == ["q_proj", "lm_head"]

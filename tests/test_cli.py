@@ -40,8 +40,8 @@ def _run(capsys, *argv):
 def test_prune_end_to_end(tmp_path, tiny_dir, text_file, capsys, criterion):
     out = tmp_path / "out"
     code, stdout, err = _run(capsys, "prune", "--model", tiny_dir, "--data", text_file, "--out", out, "--criterion", criterion,
-                             "--sparsity", "0.3", "--granularity", "heads,channels", "--steps", "4", "--batch-size", "2", "--calib-batches", "1",
-                             "--json", tmp_path / "r.json", *FAST)
+                             "--sparsity", "0.3", "--granularity", "heads,channels", "--steps", "4", "--batch-size", "2",
+                             *([] if criterion == "loraprune" else ["--calib-batches", "1"]), "--json", tmp_path / "r.json", *FAST)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity"]["achieved"] == pytest.approx(0.3, abs=0.05)
@@ -71,6 +71,8 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["prune", "--criterion", "nonsense"], "unknown criterion"),
         (["eval", "--seq-len", "1"], "too small"),
         (["eval", "--seq-len", "100000"], "exceeds the model's context"),
+        (["eval", "--latency-seq-len", "100000"], "--latency-seq-len 100000 exceeds the model's context"),
+        (["prune", "--decode-tokens", "100000"], "--decode-tokens 100000 after the 32-token prompt exceed the model's context"),
         (["prune", "--lora-targets", "nope_proj"], "match nothing"),
         (["prune", "--steps", "2", "--warmup", "0.5", "--cooldown", "0.5"], "warmup + cooldown"),
         (["eval", "--json", "/proc/forbidden/x.json"], "cannot write"),
@@ -107,6 +109,20 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["prune", "--export", "gguf", "--quant", "w4g32", "--gguf-type", "q8_0"], "is not what --quant w4g32 trains (Q4_0)"),
         (["prune", "--export", "gguf"], "GGUF export writes byte-level BPE tokenizers only"),
         (["prune", "--llamacpp-check"], "runs the GGUF file in llama.cpp; add --export gguf"),
+        # typed, but this run would not use them (option_use.py): each used to be ignored without a word
+        (["prune", "--granularity", "nm", "--nm", "2:8", "--sparsity", "0.1"], "--sparsity has no effect here: N:M fixes the sparsity"),
+        (["prune", "--nm", "2:8"], "--nm has no effect here: it is the pattern of --granularity nm"),
+        (["prune", "--head-mode", "q_heads"], "--head-mode has no effect here: no heads are pruned"),
+        (["prune", "--layer-share", "0.3"], "--layer-share has no effect here"),
+        (["prune", "--criterion", "taylor", "--warmup", "0.2"], "--warmup has no effect here: the progressive ramp is not used"),
+        (["prune", "--calib-batches", "3", "--recover-steps", "2"], "--calib-batches, --recover-steps have no effect here: for one-shot criteria"),
+        (["prune", "--criterion", "wanda", "--granularity", "unstructured", "--percdamp", "0.1"], "--percdamp has no effect here: SparseGPT's options"),
+        (["prune", "--quantizer", "lsq+", "--quant-init", "paper"], "--quantizer, --quant-init have no effect here: quantisation-aware training is off"),
+        (["prune", "--distill-temperature", "3"], "--distill-temperature has no effect here: distillation is off; add --distill"),
+        (["prune", "--adalora-orth", "0.2"], "--adalora-orth has no effect here: AdaLoRA is not the variant"),
+        (["prune", "--lora-ga-gamma", "8"], "--lora-ga-gamma has no effect here: LoRA-GA is not the variant"),
+        (["prune", "--criterion", "taylor", "--recover-steps", "0", "--distill", "--ema"], "--distill, --ema, --steps have no effect here: --recover-steps 0 trains nothing"),
+        (["prune", "--warmup-steps", "2"], "--warmup-steps 2 is not below the 2 training steps"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, tiny_dir, text_file, capsys, args, message):
@@ -120,7 +136,7 @@ def test_bad_input_is_one_line(tmp_path, tiny_dir, text_file, capsys, args, mess
     line = err.strip().splitlines()[-1]
     assert line.startswith("slimtune: error:") and message in line, err
     assert "Traceback" not in err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.work").exists()  # nothing left behind, not even job.json
 
 
 @pytest.mark.parametrize("args", [["prune", "--mixed-precision", "fp16"], ["prune", "--dtype", "float16"], ["eval", "--dtype", "float16"]])
@@ -174,7 +190,7 @@ def test_unsupported_architecture(tmp_path, text_file, capsys):
 def test_weight_level_pruning_end_to_end(tmp_path, tiny_dir, text_file, capsys, gran, extra):
     out = tmp_path / "w"
     code, _, err = _run(capsys, "prune", "--model", tiny_dir, "--data", text_file, "--out", out, "--granularity", gran, *extra,
-                        "--sparsity", "0.4", "--steps", "4", "--batch-size", "2", *FAST)
+                        *(["--sparsity", "0.4"] if gran == "unstructured" else []), "--steps", "4", "--batch-size", "2", *FAST)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -245,14 +261,30 @@ def test_methods_with_state_resume_exactly(tmp_path, tiny_dir, text_file, capsys
 
 
 def test_resume_refuses_other_settings(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
+    import os
+    import shutil
 
-    common = ["prune", "--model", tiny_dir, "--data", text_file, "--steps", "6", "--batch-size", "2", "--checkpoint-every", "2",
+    data = tmp_path / "data.txt"
+    shutil.copyfile(text_file, data)
+    common = ["prune", "--model", tiny_dir, "--data", data, "--steps", "6", "--batch-size", "2", "--checkpoint-every", "2",
               "--no-eval", "--out", tmp_path / "o", *FAST]
     restore = interrupt_training_at(monkeypatch, 3)
     assert _run(capsys, *common, "--sparsity", "0.2")[0] == 130
     restore()
     code, _, err = _run(capsys, *common, "--sparsity", "0.5", "--resume")
     assert code == 2 and "cannot resume: prune.sparsity was 0.2 in the interrupted run and is 0.5 now" in err
+    # the data rewritten under the same name: the checkpoint belongs to other text
+    stat = data.stat()
+    data.write_text(data.read_text() + "\nmore text")
+    code, _, err = _run(capsys, *common, "--sparsity", "0.2", "--resume")
+    assert code == 2 and f"the files of --data {data} changed since the interrupted run" in err
+    shutil.copyfile(text_file, data)
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # a fresh run would abandon the checkpoint without a word: refused, and nothing was touched
+    before = sorted(p.name for p in (tmp_path / ".o.work").iterdir())
+    code, _, err = _run(capsys, *common, "--sparsity", "0.2")
+    assert code == 2 and "an interrupted run left a checkpoint" in err and "--overwrite" in err
+    assert sorted(p.name for p in (tmp_path / ".o.work").iterdir()) == before
     # evaluation size may change, and --compile (the same step in compiled kernels; aot_eager here, inductor needs minutes)
     from functools import partial
 
@@ -266,6 +298,20 @@ def test_resume_refuses_other_settings(tmp_path, tiny_dir, text_file, capsys, mo
     job.write_text(json.dumps(recorded))
     code, _, err = _run(capsys, *common, "--sparsity", "0.2", "--resume", "--eval-windows", "3", "--compile")
     assert code == 0, err
+
+
+def test_overwrite_discards_an_interrupted_run_and_starts_clean(tmp_path, tiny_dir, text_file, capsys, monkeypatch):
+    """The audit's mixed run: a fresh run over an abandoned one kept its log rows and checkpoint."""
+    common = ["prune", "--model", tiny_dir, "--data", text_file, "--batch-size", "2", "--checkpoint-every", "2", "--no-eval",
+              "--out", tmp_path / "o", *FAST]
+    restore = interrupt_training_at(monkeypatch, 5)
+    assert _run(capsys, *common, "--steps", "8")[0] == 130
+    restore()
+    code, _, err = _run(capsys, *common, "--steps", "3", "--overwrite")
+    assert code == 0, err
+    log = (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in log] == [1, 2, 3]
+    assert not (tmp_path / ".o.work").exists()
 
 
 def test_missing_bundled_packages_name_the_pip_command(tmp_path, capsys, monkeypatch, tiny_dir):

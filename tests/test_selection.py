@@ -87,3 +87,18 @@ def test_cubic_schedule_matches_reference():
 def test_schedule_without_ramp_is_an_error():
     with pytest.raises(SlimtuneError, match="cannot reach"):
         Schedule(final=0.5, total_steps=2, warmup=0.4, cooldown=0.4)
+
+
+def test_a_ramp_step_below_one_layer_waits_instead_of_failing():
+    """Progressive layer pruning used to stop mid-training: the cubic ramp's early targets are less
+    than half a layer, so nothing could be taken and the step was called unreachable."""
+    model = tiny_model("llama")
+    masks = StructuredMasks(model)
+    n = len(masks)
+    one_layer = 1.0 / n + 1e-3  # every layer of the tiny model has the same size
+    step = select(model, masks, _scores(model, masks), parse_granularity("layers"), 0.3 / n, excluded=set(), final_sparsity=one_layer)
+    assert step["achieved"] == 0.0
+    final = select(model, masks, _scores(model, masks), parse_granularity("layers"), one_layer, excluded=set(), final_sparsity=one_layer)
+    assert final["achieved"] == pytest.approx(1.0 / n, abs=1e-6)
+    with pytest.raises(SlimtuneError, match="not reachable"):  # the final target itself is still checked
+        select(model, StructuredMasks(model), _scores(model, masks), parse_granularity("layers"), 0.3 / n, excluded=set())

@@ -44,10 +44,13 @@ def _eval(values: dict) -> int:
 
 def _prune(values: dict) -> int:
     from .evaluate import print_results, write_json
+    from .option_use import check_typed
     from .recipe import PruneJob, apply_preset, run_prune
 
+    typed = dict(values)
     values = apply_preset(values, values.get("preset", "auto"))
     job = build(PruneJob, values)
+    check_typed(typed, job)  # an option typed but unused by this run: refused, not ignored
     report = run_prune(job, progress=not job.quiet)
     from .training.distributed import is_main
 

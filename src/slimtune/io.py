@@ -223,3 +223,19 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fingerprint(name: str) -> list | None:
+    """What a --resume compares for a local input (a file or a directory): each file's relative
+    path, size and modification time, hidden entries skipped. None for a name that is not a local
+    path (the bundled defaults, a hub id)."""
+    path = Path(name)
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([f.name if f == path else str(f.relative_to(path)), st.st_size, st.st_mtime_ns])
+    return out

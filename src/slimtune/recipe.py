@@ -28,7 +28,7 @@ from .evaluate.machine import machine_info, utc_now
 from .evaluate.prune_report import write_report
 from .export import save_model
 from .importance import CRITERIA
-from .io import check_output_dir, check_writable_parent
+from .io import check_output_dir, check_writable_parent, fingerprint
 from .models import get_arch, load_model
 from .runtime import check_precision_on, check_seq_len, pick_device
 from .training import distributed
@@ -209,7 +209,7 @@ def run_eval(job: EvalJob) -> dict:
     device = pick_device(job.device)
     check_precision_on(device, job.dtype)
     model, tok = load_model(job.model, dtype=getattr(torch, job.dtype), device=device)
-    check_seq_len(model, job.seq_len)
+    check_seq_len(model, job.seq_len, job.latency_seq_len, job.decode_tokens)
     tokens = load_tokens(job.data, tok, job.split, job.seq_len, max_sequences=job.eval_windows)
     result = _evaluate(model, tokens, job, job.model, progress=not job.quiet)
     result.update(model=job.model, data=job.data, split=job.split, command=_command(), machine=machine_info(), date=utc_now())
@@ -235,19 +235,22 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
         from .export.gguf import check_gguf
 
         check_gguf(model, tokenizer)  # architecture, rope, tokenizer: refused now, not after training
-    check_seq_len(model, job.seq_len)
+    preset_set = job.preset if "seq_len" in PRESETS.get(job.preset, {}) and job.seq_len == PRESETS[job.preset]["seq_len"] else None
+    check_seq_len(model, job.seq_len, job.latency_seq_len, job.decode_tokens if job.evaluate else 0, preset=preset_set)
     train_tokens = load_tokens(job.data, tokenizer, "train", job.seq_len)
     test_tokens = load_tokens(job.data, tokenizer, "test", job.seq_len, max_sequences=job.eval_windows)
     before = _evaluate(model, test_tokens, job, "dense", progress) if job.evaluate and job.evaluate_dense and world.main else None
     base_name = getattr(model.config, "name_or_path", None) or job.model
 
+    _start_work(job, work)
     result = prune_(model, config, train_tokens, work_dir=work, resume=job.resume, progress=progress,
                     adapter_dir=work / "adapters" if config.uses_lora else None, base_name=base_name)
     model, masks = result.model, result.masks
     sp = result.sparsity
     if sp.get("shortfall", 0.0) > 5e-4:
         print(f"[slimtune] warning: reached sparsity {sp['achieved']:.4f}, {sp['shortfall']:.4f} short of the target {sp['target']}: "
-              "the granularity's units are too coarse for an exact hit", file=sys.stderr)
+              + ("QAT rounds every kept MLP width to a multiple of its quantisation group" if config.quant_structured
+                 else "the granularity's units are too coarse for an exact hit"), file=sys.stderr)
     raised = sp.get("sparsegpt_damping_raised")
     if raised:
         worst = max(raised, key=raised.get)
@@ -256,9 +259,18 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
               "more conservative; calibrate on more tokens (--calib-batches) to avoid it", file=sys.stderr)
     over = sp.get("achieved", 0.0) - sp.get("target", 0.0)
     if over > 0.01:  # a fraction of one unit is expected; more means the units are coarse for this model
-        print(f"[slimtune] warning: removed {sp['achieved']:.4f} of the decoder, {over:.4f} more than the target {sp['target']}: "
-              "heads and whole layers are coarse units on this model (under local ranking every layer drops the same number "
-              "of heads); use finer units (--granularity channels, --head-mode q_heads) or --ranking global for a closer hit", file=sys.stderr)
+        units = config.prune.units
+        why = []
+        if "layers" in units:
+            n = len(masks)  # the masks cover the decoder as it was
+            why.append(f"a whole layer is about 1/{n} of the decoder, taken when at least half of it fits, on top of the heads "
+                       "and channels pruned earlier in the ramp (lower --layer-share, or drop layers from --granularity)")
+        if "heads" in units:
+            why.append("heads are coarse (under local ranking every layer drops the same number of heads; use --head-mode "
+                       "q_heads, --ranking global, or --granularity channels)")
+        cause = "; ".join(why) or "the granularity's units are coarse for this model"
+        print(f"[slimtune] warning: removed {sp['achieved']:.4f} of the decoder, {over:.4f} more than the target {sp['target']}: {cause}",
+              file=sys.stderr)
     after = _evaluate(model, test_tokens, job, "pruned", progress) if job.evaluate and world.main else None
     report = {
         "command": job.command or _command(),
@@ -386,12 +398,14 @@ def _export_section(report: dict, job: PruneJob) -> str:
 
 RESUME_FILE = "job.json"
 # options that change what a run computes; the others (--quiet, --out, evaluation sizes ...) may differ on --resume
-RESULT_FIELDS = ("model", "data", "seq_len", "dtype", "criterion", "calib_batches", "recover_steps", "prune", "train", "lora", "distill", "averaging", "quant")
+RESULT_FIELDS = ("model", "data", "seq_len", "dtype", "criterion", "calib_batches", "recover_steps", "percdamp", "blocksize", "prune", "train", "lora",
+                 "distill", "averaging", "quant")
 FLAGS = {"quant.gguf_blocks": "--export"}  # settings set by another option than their own
-NEUTRAL = {"train.checkpoint_every", "train.compile"}  # compiled kernels compute the same step
+# compiled kernels compute the same step; checkpointed activations are recomputed with the same RNG state
+NEUTRAL = {"train.checkpoint_every", "train.compile", "train.gradient_checkpointing"}
 # options added later, with the value that computes what runs from before them computed
 ADDED = {"train.lora_plus_ratio": 1.0, "lora.ga_batches": 4, "lora.ga_gamma": 16.0, "train.lora_pro": False,
-         "lora.adalora_init_r": None, "lora.adalora_warmup": 0.1, "lora.adalora_final": 0.2, "lora.adalora_every": 1, "lora.adalora_orth": 0.1}
+         "percdamp": 0.01, "blocksize": 128, "lora.adalora_init_r": None, "lora.adalora_warmup": 0.1, "lora.adalora_final": 0.2, "lora.adalora_every": 1, "lora.adalora_orth": 0.1}
 
 
 def _flat(obj, prefix=""):
@@ -416,27 +430,52 @@ def _flag(job: PruneJob, key: str) -> str:
     return flag_for(field_, dict(SECTIONS).get(section, ""))
 
 
-def _check_resume(job: PruneJob, work: Path) -> None:
-    """Record the result-changing options with the checkpoints; refuse a --resume that changes any."""
-    from .io import atomic_write_json
-
+def _settings(job: PruneJob) -> dict:
     settings = _flat({k: _jsonable(getattr(job, k)) for k in RESULT_FIELDS})
     settings = {k: v for k, v in settings.items() if k not in NEUTRAL}
-    saved = work / RESUME_FILE
-    if job.resume and saved.is_file():
-        import json
+    settings.update({f"{k}_files": fingerprint(getattr(job, k)) for k in ("model", "data")})
+    return settings
 
-        before = json.loads(saved.read_text())
-        for key in sorted(set(before) | set(settings)):
-            if key not in before and key in ADDED and settings.get(key) == ADDED[key]:
-                continue
-            if before.get(key) != settings.get(key):
-                flag = FLAGS.get(key) or _flag(job, key)
-                raise SlimtuneError(f"cannot resume: {key} was {before.get(key)!r} in the interrupted run and is {settings.get(key)!r} now; "
-                                    f"resume with the original {flag}, or start over without --resume")
+
+def _check_resume(job: PruneJob, work: Path) -> None:
+    """Before any work: refuse a --resume that changes a result-changing option or an input file, and
+    a fresh run that would silently abandon an interrupted run's checkpoint. Writes nothing."""
+    saved = work / RESUME_FILE
+    if not job.resume:
+        if (work / "checkpoint.pt").is_file() and not job.overwrite:
+            raise SlimtuneError(f"an interrupted run left a checkpoint in {work}; pass --resume to continue it, "
+                                "or --overwrite to discard it and start over")
         return
-    if not job.resume and distributed.is_main():
-        atomic_write_json(saved, settings)
+    if not saved.is_file():
+        return
+    import json
+
+    before, settings = json.loads(saved.read_text()), _settings(job)
+    for key in sorted(set(before) | set(settings)):
+        if key not in before and (key.endswith("_files") or (key in ADDED and settings.get(key) == ADDED[key])):
+            continue  # recorded since: a run from before that could not record it
+        if before.get(key) != settings.get(key):
+            if key.endswith("_files"):
+                name = key.removesuffix("_files")
+                raise SlimtuneError(f"cannot resume: the files of --{name} {getattr(job, name)} changed since the interrupted run "
+                                    "(size or modification time); restore them, or start over without --resume")
+            flag = FLAGS.get(key) or _flag(job, key)
+            raise SlimtuneError(f"cannot resume: {key} was {before.get(key)!r} in the interrupted run and is {settings.get(key)!r} now; "
+                                f"resume with the original {flag}, or start over without --resume")
+
+
+def _start_work(job: PruneJob, work: Path) -> None:
+    """After every check passed, just before the work: a fresh run starts from an empty work folder
+    (no log rows, events or checkpoint of an abandoned run) that records its settings."""
+    if job.resume or not distributed.is_main():
+        return
+    import shutil
+
+    from .io import atomic_write_json
+
+    if work.is_dir():
+        shutil.rmtree(work)  # ours: `.<out>.work` next to --out; a checkpoint in it was refused or --overwrite given
+    atomic_write_json(work / RESUME_FILE, _settings(job))
 
 
 SPARSE_DIR = "sparse"

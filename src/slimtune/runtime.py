@@ -34,9 +34,19 @@ def check_precision_on(device: torch.device, dtype: str, mixed_precision: str = 
                             "float32) and training it has no loss scaling; use --dtype float32 or bfloat16 on CPU")
 
 
-def check_seq_len(model, seq_len: int) -> None:
+def check_seq_len(model, seq_len: int, latency_seq_len: int | None = None, decode_tokens: int = 0, preset: str | None = None) -> None:
+    """--seq-len, the latency prompt, and the tokens decoded after the decode prompt, against the model's context.
+    `preset`: the preset that set --seq-len (named in the error, since the user did not type it)."""
     if seq_len < 2:
         raise SlimtuneError(f"--seq-len {seq_len} is too small; use at least 2 (e.g. 256)")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and seq_len > limit:
-        raise SlimtuneError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens; use --seq-len {limit} or less")
+        origin = f" (set by --preset {preset})" if preset else ""
+        raise SlimtuneError(f"--seq-len {seq_len}{origin} exceeds the model's context of {limit} tokens; use --seq-len {limit} or less")
+    if limit and latency_seq_len is not None and latency_seq_len > limit:
+        raise SlimtuneError(f"--latency-seq-len {latency_seq_len} exceeds the model's context of {limit} tokens; use {limit} or less")
+    from .evaluate.speed import DECODE_PROMPT
+
+    if limit and DECODE_PROMPT + decode_tokens > limit:  # decoding is timed after a DECODE_PROMPT-token prompt
+        raise SlimtuneError(f"--decode-tokens {decode_tokens} after the {DECODE_PROMPT}-token prompt exceed the model's context of {limit} "
+                            f"tokens; use --decode-tokens {max(0, limit - DECODE_PROMPT)} or less")

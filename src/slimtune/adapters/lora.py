@@ -105,6 +105,13 @@ def lora_targets(model: nn.Module, settings: LoraSettings) -> list[str]:
     missing = [t for t in targets if t not in available]
     if missing:  # PEFT only complains when *nothing* matches; a typo next to a good name would be silently dropped
         raise SlimtuneError(f"target modules {', '.join(missing)} match nothing in this model; available: {', '.join(available)}")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and emb is not None and m.weight is getattr(emb, "weight", None)})
+    if set(tied) & set(targets):  # the merge would write B·A into the shared tensor: the input embedding changes too
+        raise SlimtuneError(f"{', '.join(sorted(set(tied) & set(targets)))} shares its weight with the input embedding (tie_word_embeddings), "
+                            "so merging an adapter into it would also change the embedding the model was trained with; "
+                            "drop it from --lora-targets")
     return targets
 
 

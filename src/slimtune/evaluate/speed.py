@@ -18,6 +18,8 @@ import torch
 from ..errors import SlimtuneError
 from ._common import eval_mode, model_device, synchronize
 
+DECODE_PROMPT = 32  # tokens of prompt before the timed decoding (runtime.check_seq_len counts them)
+
 _SEED = 1234
 
 
@@ -126,7 +128,7 @@ def greedy_decode(
 
 
 def decode_throughput(
-    model: torch.nn.Module, prompt_len: int = 32, new_tokens: int = 32, repeats: int = 3, warmup: int = 1
+    model: torch.nn.Module, prompt_len: int = DECODE_PROMPT, new_tokens: int = 32, repeats: int = 3, warmup: int = 1
 ) -> dict:
     """Greedy decoding with a KV cache, batch 1. Only the one-token-at-a-time phase is timed."""
     _check_positive(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)

@@ -85,9 +85,12 @@ def base_weight(module: nn.Module) -> nn.Parameter:
     return base_layer(module).weight
 
 
+ADAPTER_MARKERS = ("lora_", "ranknum")  # PEFT's adapter tensors (AdaLoRA's rank count is a Parameter too)
+
+
 def own_params(module: nn.Module) -> int:
     """Parameters of `module` without any LoRA adapter tensors (what pruning counts)."""
-    return sum(p.numel() for name, p in module.named_parameters() if "lora_" not in name)
+    return sum(p.numel() for name, p in module.named_parameters() if not any(m in name for m in ADAPTER_MARKERS))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

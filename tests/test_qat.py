@@ -390,3 +390,21 @@ def test_cli_refuses_before_training(tmp_path, corpus_and_tokenizer, capsys, mon
     line = err.strip().splitlines()[-1]
     assert line.startswith("slimtune: error:") and message in line, err
     assert not (tmp_path / "o").exists()
+
+
+def test_report_counts_the_kept_weights_quantisation_rounded_to_zero(tmp_path, cli_inputs, capsys):
+    """The audit found 61,870 zeros in a saved model whose report said 61,680 were pruned: the grid
+    rounds some kept weights to 0. The report now says how many, measured on the saved weights."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_prune_cli
+
+    out = tmp_path / "q"
+    code, err = run_prune_cli(capsys, cli_inputs, out, "--granularity", "unstructured", "--sparsity", "0.3", "--quant", "w4", "--steps", "6", "--cooldown", "0.4", "--no-eval")
+    assert code == 0, err
+    sp = json.loads((out / "report.json").read_text())["sparsity"]
+    weights = load_file(out / "model.safetensors")
+    zeros = sum(int((t == 0).sum()) for k, t in weights.items() if ".layers." in k and k.endswith("proj.weight"))
+    assert sp["zeros_in_weights"] == zeros and sp["rounded_to_zero"] > 0
+    assert zeros - sp["rounded_to_zero"] == sp["decoder_params_before"] - sp["decoder_params_after"]
+    assert f"{sp['rounded_to_zero']:,} kept weights that quantisation rounded to 0" in (out / "report.md").read_text()

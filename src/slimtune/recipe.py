@@ -247,6 +247,10 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
                     adapter_dir=work / "adapters" if config.uses_lora else None, base_name=base_name)
     model, masks = result.model, result.masks
     sp = result.sparsity
+    if result.weight_level and config.quant.enabled:  # a kept weight may round to 0 on the grid: say so, don't hide it
+        spec = get_arch(model)  # every decoder projection is quantised, those of excluded layers too
+        zeros = sum(int((layer.get_submodule(p).weight == 0).sum()) for layer in spec.decoder_layers(model) for p in spec.projections())
+        sp["zeros_in_weights"], sp["rounded_to_zero"] = zeros, zeros - masks.pruned()
     if sp.get("shortfall", 0.0) > 5e-4:
         print(f"[slimtune] warning: reached sparsity {sp['achieved']:.4f}, {sp['shortfall']:.4f} short of the target {sp['target']}: "
               + ("QAT rounds every kept MLP width to a multiple of its quantisation group" if config.quant_structured

@@ -54,6 +54,8 @@ def render_markdown(report: dict) -> str:
         + (f" {job['prune']['nm']}" if job["prune"]["granularity"] == "nm" else f" (head mode {job['prune']['head_mode']}, {job['prune']['ranking']} ranking)"),
         f"- target sparsity {sp['target']:.3f} of decoder parameters; achieved **{sp['achieved']:.4f}** "
         f"({sp['decoder_params_before']:,} -> {sp['decoder_params_after']:,})",
+        *([f"- the saved projections hold {sp['zeros_in_weights']:,} zeros: the pruned weights and {sp['rounded_to_zero']:,} kept "
+             "weights that quantisation rounded to 0"] if "zeros_in_weights" in sp else []),
         f"- steps: {len(report['history'])}; importance updates skipped (non-finite): {report['importance_skipped_updates']}",
         *_training_lines(report),
     ]

@@ -121,6 +121,7 @@ def test_eval_prints_table_and_json(tmp_path, tiny_dir, text_file, capsys):
         (["prune", "--distill-temperature", "3"], "--distill-temperature has no effect here: distillation is off; add --distill"),
         (["prune", "--adalora-orth", "0.2"], "--adalora-orth has no effect here: AdaLoRA is not the variant"),
         (["prune", "--lora-ga-gamma", "8"], "--lora-ga-gamma has no effect here: LoRA-GA is not the variant"),
+        (["prune", "--l0-init", "3"], "--l0-init has no effect here: it sets where the l0 criterion's gates start"),
         (["prune", "--criterion", "taylor", "--recover-steps", "0", "--distill", "--ema"], "--distill, --ema, --steps have no effect here: --recover-steps 0 trains nothing"),
         (["prune", "--warmup-steps", "2"], "--warmup-steps 2 is not below the 2 training steps"),
     ],

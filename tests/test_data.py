@@ -162,6 +162,60 @@ def test_small_file_uses_same_text_for_every_split(tmp_path):
     assert texts["train"] == texts["validation"] == texts["test"] == ["one doc", "two doc", "three doc"]
 
 
+def test_records_sharing_their_opening_are_split_by_the_whole_text(tmp_path):
+    """500 chat records that all open with one 298-character system prompt used to hash alike: no
+    test or validation document, so the test split silently was the training text."""
+    from slimtune.data import held_out
+
+    prompt = "You are a helpful assistant. " * 10
+    docs = [f"{prompt}User question {i}: what is {i} times {i + 7}?" for i in range(500)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    per_split = {s: load_texts(str(path), s) for s in SPLITS}
+    assert all(per_split.values()) and sorted(sum(per_split.values(), [])) == sorted(docs)  # disjoint, all there
+    assert all(split_of(t) == split for split, texts in per_split.items() for t in texts)
+    assert held_out(str(path))
+
+
+def test_too_few_documents_are_flagged_as_not_held_out(tmp_path):
+    from slimtune.data import held_out
+
+    path = tmp_path / "few.txt"
+    path.write_text("\n\n".join(f"document number {i}" for i in range(4)))
+    with pytest.warns(UserWarning, match="4 documents are too few to split.*not held out"):
+        assert load_texts(str(path), "test") == load_texts(str(path), "train")
+    assert not held_out(str(path))
+
+
+def test_a_folder_of_text_files_reads_like_the_files_together(tmp_path):
+    """A folder went through `datasets`, which made one row per line of a .txt (paragraphs split
+    across train and test) and silently dropped the .txt files next to a .jsonl."""
+    docs = _documents(40)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("\n\n".join(d.replace(" ", "\n", 1) for d in docs[:20]))  # wrapped paragraphs
+    (folder / "b.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[20:]))
+    wrapped = [d.replace(" ", "\n", 1) for d in docs[:20]] + docs[20:]
+    _check_hash_split({s: load_texts(str(folder), s) for s in SPLITS}, wrapped)
+    (folder / "c.csv").write_text("id,text\n1,hello\n")
+    with pytest.raises(SlimtuneError, match=r"mixes .txt/.jsonl files with others \(c.csv\)"):
+        load_texts(str(folder), "train")
+
+
+def test_compressed_files_are_read_and_csv_is_refused(tmp_path):
+    import gzip
+
+    docs = _documents(40)
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress("\n\n".join(docs).encode()))
+    (tmp_path / "c.jsonl.bz2").write_bytes(bz2.compress("\n".join(json.dumps({"text": d}) for d in docs).encode()))
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + "\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
+    for name in ("c.txt.gz", "c.jsonl.bz2", "bom.jsonl"):
+        _check_hash_split({s: load_texts(str(tmp_path / name), s) for s in SPLITS}, docs)
+    (tmp_path / "d.csv").write_text("id,text\n1,hello\n")
+    with pytest.raises(SlimtuneError, match="is a CSV file, which would be read as raw text.*jsonl"):
+        load_texts(str(tmp_path / "d.csv"), "train")
+
+
 @pytest.mark.parametrize("content", ["", "  \n\n \n"])
 def test_empty_file_is_an_error(tmp_path, content):
     path = tmp_path / "notes.txt"
@@ -180,9 +234,13 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
         load_texts(str(path), "train")
 
 
-def test_missing_file_and_unknown_split(tmp_path):
+def test_missing_file_and_unknown_split(tmp_path, monkeypatch):
     with pytest.raises(SlimtuneError, match=r"data file .*nope\.txt does not exist"):
         load_texts(str(tmp_path / "nope.txt"), "train")
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)  # "data/nodir" under an existing local folder is a path, not a hub id to retry for 30 s
+    with pytest.raises(SlimtuneError, match=r"data file data/nodir does not exist"):
+        load_texts("data/nodir", "train")
     with pytest.raises(SlimtuneError, match="unknown split 'dev'"):
         load_texts("wiki", "dev")
 

@@ -159,3 +159,27 @@ def test_refusals_are_one_line(options, message):
     with pytest.raises(SlimtuneError, match=message) as err:
         LoRAPruneConfig(criterion="l0", **kw)
     assert "\n" not in str(err.value)
+
+
+def test_l0_init_reaches_the_gates_and_defaults_to_2(monkeypatch):
+    """--l0-init (LoRAPruneConfig.l0_init) is where every log α starts; 2 by default (5, Sheared-
+    LLaMA's start, left the gates untrained in the default 48 steps)."""
+    from slimtune.importance.l0 import L0Importance
+    from slimtune.training.loop import TrainSettings
+
+    seen = []
+    real = L0Importance.bind
+
+    def bind(self, pruner):
+        real(self, pruner)
+        seen.append(torch.cat([a.detach() for a in self.alpha.values()]))
+
+    monkeypatch.setattr(L0Importance, "bind", bind)
+    tokens = torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(0))
+    for init in (None, 3.5):
+        config = slimtune.LoRAPruneConfig(criterion="l0", prune=PruneSettings(sparsity=0.2, granularity="heads,channels"),
+                                          lora=LoraSettings(r=4, dropout=0.0), train=TrainSettings(steps=2, checkpoint_every=0),
+                                          **({} if init is None else {"l0_init": init}))
+        slimtune.prune_(tiny_model("llama"), config, tokens, progress=False)
+        assert seen[-1].mean().item() == pytest.approx(2.0 if init is None else init, abs=0.01)
+    assert slimtune.LoRAPruneConfig().criterion_options() == {}  # other criteria get nothing

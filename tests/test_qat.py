@@ -95,7 +95,8 @@ def test_quant_settings_refuse_in_one_line(kwargs, message):
     (lambda: _config(quant="w4g32a", quantizer="lsq+", granularity="unstructured", sparsity=0.3), "need a symmetric --quant"),
     (lambda: LoRAPruneConfig(quant=QuantSettings(spec="w4g32"), distill=DistillSettings(enabled=True)), "no dense teacher is left"),
     (lambda: _config(steps=10, quant_start=0.5, granularity="channels", sparsity=0.2), "before the pruning ramp ends at step 9"),
-    (lambda: _config(steps=10, granularity="channels", sparsity=0.2, cooldown=0.0), "train no step"),
+    (lambda: _config(steps=10, granularity="channels", sparsity=0.2, cooldown=0.0), "train no step; raise --cooldown"),  # not a --quant-start that is refused next
+    (lambda: _config(steps=10, granularity="unstructured", sparsity=0.2, quant_start=0.95), "train no step; lower --quant-start"),
     (lambda: OneShotConfig(criterion="taylor", recover_steps=0, quant=QuantSettings(spec="w4g32")), "--recover-steps 0 leaves no training"),
 ])
 def test_method_config_refuses_what_qat_cannot_honour(build, message):

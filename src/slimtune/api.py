@@ -261,7 +261,7 @@ def _finish(model, net, pruner, history, run: _Run, importance=None) -> PruneRes
 @handler(LoRAPruneConfig)
 def _progressive(model, config: LoRAPruneConfig, data, run: _Run) -> PruneResult:
     net = _attach(model, config, run, data)
-    importance = get_criterion(config.criterion).build(net, keep_elements=config.prune.weight_level)
+    importance = get_criterion(config.criterion).build(net, keep_elements=config.prune.weight_level, **config.criterion_options())
     pruner = make_pruner(net, config.prune, importance, total_steps=config.steps)
     if hasattr(importance, "bind"):  # a criterion with trained state (l0 gates) follows the pruner's units and schedule
         importance.bind(pruner)
@@ -357,7 +357,7 @@ class PruneSession:
         # PiSSA converts its adapter against the initial one at save time: keep that in a temp dir
         self._run = _Run(tempfile.mkdtemp(prefix="slimtune-session-"), False, False, None, None)
         self.model = _attach(model, config, self._run, data)
-        self.importance = get_criterion(config.criterion).build(self.model, keep_elements=config.prune.weight_level)
+        self.importance = get_criterion(config.criterion).build(self.model, keep_elements=config.prune.weight_level, **config.criterion_options())
         self.pruner = make_pruner(self.model, config.prune, self.importance, total_steps=total_steps)
         if hasattr(self.importance, "loss_term"):
             raise SlimtuneError(f"criterion '{config.criterion}' adds a term to the loss, which a transformers Trainer does not know; run it through slimtune.prune_ or the CLI")

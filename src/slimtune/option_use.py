@@ -42,6 +42,7 @@ RULES = (
          "the progressive ramp is not used: this criterion prunes once; use a progressive criterion (e.g. loraprune), or drop {it}"),
     Rule(("calib_batches", "recover_steps"), _progressive,
          "for one-shot criteria (taylor, wanda, sparsegpt ...), and this one prunes while it trains for --steps; drop {it}"),
+    Rule(("l0_init",), lambda j, c: j.criterion != "l0", "it sets where the l0 criterion's gates start; pass --criterion l0, or drop {it}"),
     Rule(("percdamp", "blocksize"), lambda j, c: j.criterion != "sparsegpt",
          "SparseGPT's options, and the criterion is another; drop {it}, or pass --criterion sparsegpt"),
     Rule(("quant.quantizer", "quant.quant_start", "quant.quant_init", "quant.quant_lr"), lambda j, c: not j.quant.enabled,

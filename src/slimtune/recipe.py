@@ -20,8 +20,8 @@ import torch
 
 from .api import check_config, prune_
 from .cli_gen import cli_help
-from .config import LayerwiseConfig, MethodConfig, OneShotConfig, Sections, config_for
-from .data import load_tokens
+from .config import LayerwiseConfig, LoRAPruneConfig, MethodConfig, OneShotConfig, Sections, config_for
+from .data import held_out, load_tokens
 from .errors import SlimtuneError
 from .evaluate import evaluate_model
 from .evaluate.machine import machine_info, utc_now
@@ -91,6 +91,8 @@ class PruneJob(Sections, EvalJob):  # the settings sections come from config.Sec
     criterion: str = field(default="loraprune", metadata=cli_help(f"importance criterion: {', '.join(CRITERIA)}"))
     calib_batches: int | None = field(default=None, metadata=cli_help("one-shot criteria: calibration batches of --batch-size sequences (default 16, i.e. 8K tokens at the quick preset)"))
     percdamp: float = field(default=0.01, metadata=cli_help("sparsegpt: Hessian dampening as a fraction of its mean diagonal"))
+    l0_init: float = field(default=2.0, metadata=cli_help("l0: where every gate's log α starts (Sheared-LLaMA's 5 suits thousands of steps; "
+                                                         "at 5 most draws clamp to 1 and the gates barely train in the default 48)"))
     blocksize: int = field(default=128, metadata=cli_help("sparsegpt: columns per block of lazy weight updates"))
     recover_steps: int | None = field(default=None, metadata=cli_help("one-shot criteria: LoRA recovery steps after pruning (default: --steps; 0 = none)"))
     evaluate: bool = field(default=True, metadata=cli_help("skip the before/after evaluation", flag="--no-eval"))
@@ -168,6 +170,8 @@ class PruneJob(Sections, EvalJob):  # the settings sections come from config.Sec
             extra["recover_steps"] = self.recover_steps
         if cls is LayerwiseConfig:
             extra.update(percdamp=self.percdamp, blocksize=self.blocksize)
+        if cls is LoRAPruneConfig:
+            extra["l0_init"] = self.l0_init
         return cls(**self.sections(), criterion=self.criterion, **extra)
 
 
@@ -212,7 +216,7 @@ def run_eval(job: EvalJob) -> dict:
     check_seq_len(model, job.seq_len, job.latency_seq_len, job.decode_tokens)
     tokens = load_tokens(job.data, tok, job.split, job.seq_len, max_sequences=job.eval_windows)
     result = _evaluate(model, tokens, job, job.model, progress=not job.quiet)
-    result.update(model=job.model, data=job.data, split=job.split, command=_command(), machine=machine_info(), date=utc_now())
+    result.update(model=job.model, data=job.data, split=job.split, held_out=held_out(job.data), command=_command(), machine=machine_info(), date=utc_now())
     return result
 
 
@@ -287,6 +291,7 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
         "shrink": result.shrink,
         "before": before,
         "after": after,
+        "held_out": held_out(job.data),  # False: the test text is the training text (too few documents)
         "history": result.history,
         "train_memory": result.train_memory,
         "importance_skipped_updates": result.importance_skipped_updates,
@@ -402,14 +407,14 @@ def _export_section(report: dict, job: PruneJob) -> str:
 
 RESUME_FILE = "job.json"
 # options that change what a run computes; the others (--quiet, --out, evaluation sizes ...) may differ on --resume
-RESULT_FIELDS = ("model", "data", "seq_len", "dtype", "criterion", "calib_batches", "recover_steps", "percdamp", "blocksize", "prune", "train", "lora",
+RESULT_FIELDS = ("model", "data", "seq_len", "dtype", "criterion", "calib_batches", "recover_steps", "percdamp", "blocksize", "l0_init", "prune", "train", "lora",
                  "distill", "averaging", "quant")
 FLAGS = {"quant.gguf_blocks": "--export"}  # settings set by another option than their own
 # compiled kernels compute the same step; checkpointed activations are recomputed with the same RNG state
 NEUTRAL = {"train.checkpoint_every", "train.compile", "train.gradient_checkpointing"}
 # options added later, with the value that computes what runs from before them computed
 ADDED = {"train.lora_plus_ratio": 1.0, "lora.ga_batches": 4, "lora.ga_gamma": 16.0, "train.lora_pro": False,
-         "percdamp": 0.01, "blocksize": 128, "lora.adalora_init_r": None, "lora.adalora_warmup": 0.1, "lora.adalora_final": 0.2, "lora.adalora_every": 1, "lora.adalora_orth": 0.1}
+         "percdamp": 0.01, "blocksize": 128, "l0_init": 5.0, "lora.adalora_init_r": None, "lora.adalora_warmup": 0.1, "lora.adalora_final": 0.2, "lora.adalora_every": 1, "lora.adalora_orth": 0.1}
 
 
 def _flat(obj, prefix=""):
@@ -436,7 +441,7 @@ def _flag(job: PruneJob, key: str) -> str:
 
 def _settings(job: PruneJob) -> dict:
     settings = _flat({k: _jsonable(getattr(job, k)) for k in RESULT_FIELDS})
-    settings = {k: v for k, v in settings.items() if k not in NEUTRAL}
+    settings = {k: v for k, v in settings.items() if k not in NEUTRAL and (k != "l0_init" or job.criterion == "l0")}
     settings.update({f"{k}_files": fingerprint(getattr(job, k)) for k in ("model", "data")})
     return settings
 

@@ -6,7 +6,7 @@
 """
 
 from .packing import batch_at, iterate_batches, load_tokens, pack
-from .sources import load_texts
+from .sources import held_out, load_texts
 from .splits import SPLITS, split_of
 from .wiki import bundled_wiki_path, clean_wikitext, wiki_articles
 
@@ -15,6 +15,7 @@ __all__ = [
     "batch_at",
     "bundled_wiki_path",
     "clean_wikitext",
+    "held_out",
     "iterate_batches",
     "load_texts",
     "load_tokens",

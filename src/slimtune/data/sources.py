@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,18 @@ from .splits import SPLITS, check_split, split_of
 from .wiki import wiki_articles
 
 MIN_DOCUMENTS = 10  # below this a hashed split would leave some split empty or nearly so
-_FILE_SUFFIXES = {".txt", ".text", ".md", ".jsonl", ".ndjson", ".json", ".xml", ".bz2", ".csv", ".gz"}
+_FILE_SUFFIXES = {".txt", ".text", ".md", ".jsonl", ".ndjson", ".json", ".xml", ".bz2", ".csv", ".gz", ".xz"}
+_TEXT_SUFFIXES = {".txt", ".text", ".md", ".jsonl", ".ndjson"}  # what a file or a folder of files may hold
+_OPENERS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}  # compressed text: name.txt.gz, name.jsonl.bz2 ...
 _FIX = "use --data wiki or a local .txt/.jsonl file"
+# sources whose documents were too few to split: every split is the same text (see held_out)
+_NOT_HELD_OUT: set[str] = set()
+
+
+def held_out(source: str) -> bool:
+    """False when `source`, as loaded so far, had to use the same text for every split, so that
+    its test perplexity is not measured on held-out text (reports say so)."""
+    return source not in _NOT_HELD_OUT
 
 
 @dataclass(frozen=True)
@@ -58,34 +69,85 @@ def load_texts(source: str, split: str) -> list[str]:
         return [text for title, text in wiki_articles() if split_of(title) == split]
     path = Path(source).expanduser()
     if path.is_file():
-        return _load_file(path, split)
-    if source not in _ALIASES and not path.is_dir() and _looks_like_file(source):
+        docs = _load_file(path, split)
+    elif path.is_dir() and (files := _text_files(path)):
+        docs = _hash_split([doc for f in files for doc in _file_documents(f)], split, f"folder {path}")
+    elif source not in _ALIASES and not path.is_dir() and _looks_like_file(source):
         raise SlimtuneError(f"data file {source} does not exist; check the path, or {_FIX}")
-    return _load_hub(source, split)
+    else:
+        docs = _load_hub(source, split)
+    if isinstance(docs, _SameForAll):
+        _NOT_HELD_OUT.add(source)
+    return list(docs)
+
+
+class _SameForAll(list):
+    """Documents that could not be split: the same list for every split."""
+
+
+def _text_files(folder: Path) -> list[Path]:
+    """The .txt/.jsonl files of a folder (sorted, hidden entries skipped), read like single files.
+    A folder that also holds other files is refused rather than read in part."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
+    text = [p for p in files if _inner_suffix(p) in _TEXT_SUFFIXES]
+    other = [p for p in files if p not in text]
+    if text and other:
+        names = ", ".join(str(p.relative_to(folder)) for p in other[:3]) + (" ..." if len(other) > 3 else "")
+        raise SlimtuneError(f"folder {folder} mixes .txt/.jsonl files with others ({names}) that would not be read; "
+                            "move them out, or convert them to .txt/.jsonl")
+    return text
+
+
+def _inner_suffix(path: Path) -> str:
+    """The format suffix under a compression suffix: corpus.jsonl.gz -> .jsonl."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _OPENERS:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
 
 
 def _looks_like_file(source: str) -> bool:
-    # "allenai/c4" contains a slash too, so a slash alone does not make a path.
-    return Path(source).suffix.lower() in _FILE_SUFFIXES or source.startswith((".", "/", "~"))
+    # "allenai/c4" contains a slash too, so a slash alone does not make a path; "data/nodir" where a
+    # local folder "data" exists does (a hub lookup would only retry for half a minute, then fail)
+    parts = Path(source).parts
+    local_parent = len(parts) > 1 and Path(parts[0]).expanduser().is_dir()
+    return Path(source).suffix.lower() in _FILE_SUFFIXES or source.startswith((".", "/", "~")) or local_parent
 
 
 def _load_file(path: Path, split: str) -> list[str]:
     suffix = "".join(path.suffixes[-2:]).lower()
     if suffix.endswith((".xml", ".xml.bz2")):
         return [text for title, text in wiki_articles(path) if split_of(title) == split]
+    return _hash_split(_file_documents(path), split, str(path))
+
+
+def _file_documents(path: Path) -> list[str]:
+    """The documents of one .txt (separated by blank lines) or .jsonl file, compressed or not."""
+    inner = _inner_suffix(path)
+    if inner == ".json":
+        raise SlimtuneError(f"{path} is a .json file; write one {{\"text\": ...}} object per line to a .jsonl file")
+    if inner in (".csv", ".tsv", ".parquet"):
+        raise SlimtuneError(f"{path} is a {inner[1:].upper()} file, which would be read as raw text (header, ids and quotes included); "
+                            "write its text column to a .jsonl file, one {\"text\": ...} per line")
+    opener = _OPENERS.get(path.suffix.lower())
     try:
-        raw = path.read_text(encoding="utf-8")
+        if opener:
+            import importlib
+
+            with importlib.import_module(opener).open(path, "rt", encoding="utf-8") as f:
+                raw = f.read()
+        else:
+            raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise SlimtuneError(f"text file {path} is not UTF-8 ({exc.reason}); re-save it as UTF-8") from exc
+    except (OSError, EOFError) as exc:  # a truncated or mislabelled archive
+        raise SlimtuneError(f"could not decompress {path} ({exc}); check the file, or pass it uncompressed") from exc
+    raw = raw.removeprefix("\ufeff")  # a byte-order mark is encoding, not text
     if not raw.strip():
         raise SlimtuneError(f"text file {path} is empty; pass a file with text or {_FIX}")
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        docs = _jsonl_documents(path, raw)
-    elif path.suffix.lower() == ".json":
-        raise SlimtuneError(f"{path} is a .json file; write one {{\"text\": ...}} object per line to a .jsonl file")
-    else:
-        docs = [doc.strip() for doc in re.split(r"\n[ \t\r]*\n", raw) if doc.strip()]
-    return _hash_split(docs, split, str(path))
+    if inner in (".jsonl", ".ndjson"):
+        return _jsonl_documents(path, raw)
+    return [doc.strip() for doc in re.split(r"\n[ \t\r]*\n", raw) if doc.strip()]
 
 
 def _jsonl_documents(path: Path, raw: str) -> list[str]:
@@ -109,18 +171,21 @@ def _jsonl_documents(path: Path, raw: str) -> list[str]:
 
 
 def _hash_split(docs: list[str], split: str, origin: str) -> list[str]:
-    """Split documents by `split_of(document[:200])`; too few documents -> same text for all splits."""
+    """Split documents by `split_of` of their first 200 characters, or of the whole document where
+    several share those (records that open with the same system prompt, say). Too few documents, or
+    a split left empty: the same text for all splits, with a warning, and `held_out` says so."""
+    prefixes = Counter(doc[:200] for doc in docs)
     by_split = {name: [] for name in SPLITS}
     for doc in docs:
-        by_split[split_of(doc[:200])].append(doc)
-    if len(docs) < MIN_DOCUMENTS or not all(by_split.values()):
+        by_split[split_of(doc[:200] if prefixes[doc[:200]] == 1 else doc)].append(doc)
+    empty = [name for name, part in by_split.items() if not part]
+    if len(docs) < MIN_DOCUMENTS or empty:
+        why = (f"{len(docs)} documents are too few to split" if len(docs) < MIN_DOCUMENTS
+               else f"no document of {len(docs)} fell into the {' or '.join(empty)} split")
         # Python's default filter shows this once per source, not once per split.
-        warnings.warn(
-            f"{origin}: {len(docs)} documents are too few for a train/validation/test split; the same "
-            "text is used for every split, so evaluation numbers are not held-out",
-            stacklevel=4,  # point at the caller of load_texts
-        )
-        return list(docs)
+        warnings.warn(f"{origin}: {why}; the same text is used for every split, so evaluation numbers are not held out "
+                      "(reports say so); give more documents (blank lines separate them in a .txt file)", stacklevel=4)
+        return _SameForAll(docs)
     return by_split[split]
 
 

@@ -14,12 +14,13 @@ def _ratio(after: dict, before: dict, key: str) -> str:
     return f"{a / b:.3f}" if a and b else "-"
 
 
-def _method_notes(result: dict) -> list[str]:
+def _method_notes(result: dict, held_out: bool = True) -> list[str]:
     """What the numbers of the table are based on, so a reader can judge them."""
     ppl = result.get("details", {}).get("perplexity") or {}
     notes = []
     if ppl.get("windows"):
-        notes.append(f"- perplexity: {ppl['windows']} windows x {ppl['seq_len']} tokens of the test split "
+        split = "the test split" if held_out else "the data, NOT held out (too few documents to split: the same text trained on)"
+        notes.append(f"- perplexity: {ppl['windows']} windows x {ppl['seq_len']} tokens of {split} "
                      f"({ppl['tokens']:,} predicted tokens)")
     notes.append("- prefill and decode: median of the repeats, [min-max] in brackets; load average taken before timing")
     notes.append("- peak memory: increase over the loaded model during the perplexity pass, after a warm-up batch "
@@ -63,7 +64,7 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- reloaded with `AutoModelForCausalLM.from_pretrained`: max |logit diff| = {report['reload_max_abs_diff']:.2e}")
     if report.get("before") and report.get("after"):
         lines += ["", "## Before and after", "", markdown_table({"dense": report["before"], "pruned": report["after"]})]
-        lines += _method_notes(report["after"])
+        lines += _method_notes(report["after"], report.get("held_out", True))
     if report.get("per_module"):
         lines += ["", "## Pruned weights per module", "", "| layer | module | pruned | total |", "|---|---|---:|---:|"]
         lines += [f"| {r['layer']} | {r['path']} | {r['pruned']:,} | {r['total']:,} |" for r in report["per_module"]]

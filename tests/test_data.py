@@ -232,6 +232,9 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
     path.write_text('{"text": "fine"}\n\n{"body": "no text"}\n')
     with pytest.raises(SlimtuneError, match=r'bad\.jsonl line 3 has no string "text" field'):
         load_texts(str(path), "train")
+    path.write_text('{"text": "fine"}\n{"text": null}\n')  # said "no string text field (fields: text)" before
+    with pytest.raises(SlimtuneError, match=r'bad\.jsonl line 2 has a "text" field that is null, not a string'):
+        load_texts(str(path), "train")
 
 
 def test_missing_file_and_unknown_split(tmp_path, monkeypatch):

@@ -160,6 +160,9 @@ def _jsonl_documents(path: Path, raw: str) -> list[str]:
         except json.JSONDecodeError as exc:
             raise SlimtuneError(f"{path} line {number} is not valid JSON ({exc.msg}); fix or remove that line") from exc
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            if isinstance(record, dict) and "text" in record:  # present, but null or not a string
+                raise SlimtuneError(f'{path} line {number} has a "text" field that is {json.dumps(record["text"])[:40]}, not a string; '
+                                    'give every record its text as a string, or drop that line')
             found = f"fields: {', '.join(record)}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
             raise SlimtuneError(f'{path} line {number} has no string "text" field ({found}); '
                                 'write one {"text": ...} object per line, renaming your text field to "text"')

@@ -409,3 +409,15 @@ def test_report_counts_the_kept_weights_quantisation_rounded_to_zero(tmp_path, c
     assert sp["zeros_in_weights"] == zeros and sp["rounded_to_zero"] > 0
     assert zeros - sp["rounded_to_zero"] == sp["decoder_params_before"] - sp["decoder_params_after"]
     assert f"{sp['rounded_to_zero']:,} kept weights that quantisation rounded to 0" in (out / "report.md").read_text()
+
+
+def test_group_alignment_keeps_a_local_ranking_uniform():
+    """QAT rounds kept MLP widths to whole groups. Under local ranking every pruned layer keeps the
+    same width, and the rounding used to diffuse its error over the layers (96/96/64/96 in the audit):
+    a run asked to be uniform saved a non-uniform model, and its GGUF could not load in transformers."""
+    model = _qmodel(num_hidden_layers=6)
+    config = _config(steps=10, granularity="channels", sparsity=0.25)
+    result = prune_(model, config, TOKENS, progress=False)
+    widths = [layer.mlp.down_proj.in_features for layer in get_arch(result.model).decoder_layers(result.model)]
+    pruned = widths[1:]  # _config excludes layer 0
+    assert len(set(pruned)) == 1 and pruned[0] % 32 == 0 and pruned[0] < 160, widths

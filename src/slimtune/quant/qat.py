@@ -94,7 +94,8 @@ def align_channels_(pruner, align: int) -> int:
     """Make every kept layer's MLP width a multiple of `align` so that removing channels removes whole
     quantisation groups. Each width goes to the multiple below or above, whichever keeps the running
     total of kept channels closest to what selection chose (error diffusion over the layers, so the
-    sparsity stays near the target); going down drops the lowest-scored kept channels, going up
+    sparsity stays near the target), except that under local ranking with one width in every pruned
+    layer all go to the nearest multiple alike; going down drops the lowest-scored kept channels, going up
     re-admits the highest-scored pruned ones (their weights were only gated). Refreshes the pruner's
     sparsity info; returns the net number of channels removed (negative: re-admitted)."""
     if align <= 1:
@@ -106,9 +107,12 @@ def align_channels_(pruner, align: int) -> int:
     scores = None
     surplus = 0  # kept channels so far minus what selection chose
     removed = moved = 0
-    for i in range(len(masks)):
-        if masks.layer(i).item() == 0:
-            continue
+    live = [i for i in range(len(masks)) if masks.layer(i).item() != 0]
+    # local ranking that kept the same width in every pruned layer: one rounding for all, so a model
+    # asked to be uniform stays uniform (a stock config, a llama GGUF) instead of diffusing the error
+    pruned_widths = {(int(masks.channels(i).sum()), masks.channels(i).numel()) for i in live if int(masks.channels(i).sum()) < masks.channels(i).numel()}
+    same = pruner.settings.ranking == "local" and len(pruned_widths) == 1
+    for i in live:
         kept = masks.channels(i).bool().cpu()
         k, width = int(kept.sum()), kept.numel()
         down = k - k % align
@@ -116,7 +120,7 @@ def align_channels_(pruner, align: int) -> int:
             continue
         up = down + align
         options = [n for n in (down, up) if 0 < n <= width]
-        n = min(options, key=lambda n: (abs(surplus + n - k), n))
+        n = min(options, key=lambda n: (abs(n - k), n) if same else (abs(surplus + n - k), n))
         surplus += n - k
         if scores is None:
             scores = scores_from(pruner.importance, masks, pruner.settings.normalise)

@@ -225,6 +225,11 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
         raise
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """The files under `folder`, sorted, skipping hidden files and anything under a hidden folder."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def fingerprint(name: str) -> list | None:
     """What a --resume compares for a local input (a file or a directory): each file's relative
     path, size and modification time, hidden entries skipped. None for a name that is not a local
@@ -232,8 +237,7 @@ def fingerprint(name: str) -> list | None:
     path = Path(name)
     if not path.exists():
         return None
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = [path] if path.is_file() else visible_files(path)
     out = []
     for f in files:
         st = f.stat()

@@ -63,14 +63,10 @@ RULES = (
 )
 
 
-def _flag(job, key: str) -> str:
-    from .recipe import _flag as flag_of
-
-    return flag_of(job, key)
-
-
 def check_typed(typed: dict, job) -> None:
     """Refuse every typed option the job would not use (see RULES), naming the flags and the fix."""
+    from .recipe import _flag  # the flag a setting's key has on the command line
+
     config = job.method
     for rule in RULES:
         hits = [k for k in typed if any(k == key or (key.endswith(".") and k.startswith(key)) for key in rule.keys)]

@@ -28,6 +28,7 @@ from .evaluate.machine import machine_info, utc_now
 from .evaluate.prune_report import write_report
 from .export import save_model
 from .importance import CRITERIA
+from .importance.base import projection_weights
 from .io import check_output_dir, check_writable_parent, fingerprint
 from .models import get_arch, load_model
 from .runtime import check_precision_on, check_seq_len, pick_device
@@ -252,8 +253,8 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     model, masks = result.model, result.masks
     sp = result.sparsity
     if result.weight_level and config.quant.enabled:  # a kept weight may round to 0 on the grid: say so, don't hide it
-        spec = get_arch(model)  # every decoder projection is quantised, those of excluded layers too
-        zeros = sum(int((layer.get_submodule(p).weight == 0).sum()) for layer in spec.decoder_layers(model) for p in spec.projections())
+        # every decoder projection is quantised, those of excluded layers too
+        zeros = sum(int((w == 0).sum()) for _, _, w in projection_weights(model, get_arch(model)))
         sp["zeros_in_weights"], sp["rounded_to_zero"] = zeros, zeros - masks.pruned()
     if sp.get("shortfall", 0.0) > 5e-4:
         print(f"[slimtune] warning: reached sparsity {sp['achieved']:.4f}, {sp['shortfall']:.4f} short of the target {sp['target']}: "

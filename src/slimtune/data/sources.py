@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SlimtuneError
+from ..io import visible_files
 from .splits import SPLITS, check_split, split_of
 from .wiki import wiki_articles
 
@@ -88,7 +89,7 @@ class _SameForAll(list):
 def _text_files(folder: Path) -> list[Path]:
     """The .txt/.jsonl files of a folder (sorted, hidden entries skipped), read like single files.
     A folder that also holds other files is refused rather than read in part."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
+    files = visible_files(folder)
     text = [p for p in files if _inner_suffix(p) in _TEXT_SUFFIXES]
     other = [p for p in files if p not in text]
     if text and other:

@@ -110,8 +110,8 @@ def align_channels_(pruner, align: int) -> int:
     live = [i for i in range(len(masks)) if masks.layer(i).item() != 0]
     # local ranking that kept the same width in every pruned layer: one rounding for all, so a model
     # asked to be uniform stays uniform (a stock config, a llama GGUF) instead of diffusing the error
-    pruned_widths = {(int(masks.channels(i).sum()), masks.channels(i).numel()) for i in live if int(masks.channels(i).sum()) < masks.channels(i).numel()}
-    same = pruner.settings.ranking == "local" and len(pruned_widths) == 1
+    widths = [(int(masks.channels(i).sum()), masks.channels(i).numel()) for i in live]  # (kept, width)
+    same = pruner.settings.ranking == "local" and len({w for w in widths if w[0] < w[1]}) == 1
     for i in live:
         kept = masks.channels(i).bool().cpu()
         k, width = int(kept.sum()), kept.numel()
